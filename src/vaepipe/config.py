@@ -1,0 +1,215 @@
+"""Typed params: params.yaml parsed once into dataclasses, validated, and flattened for logging.
+
+Every problem is reported as a ConfigError naming the key, the value and what is allowed, so a
+bad `dvc exp run -S key=value` fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaepipe.errors import ConfigError
+
+DATASETS = ("fashion-mnist", "mnist", "digits", "npz")
+BINARIZE = ("dynamic", "static", "none")
+LIKELIHOODS = ("bernoulli", "gaussian")
+ARCHS = ("mlp",)
+DEVICES = ("auto", "cpu", "cuda")
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(default="fashion-mnist", metadata=_choice(*DATASETS))
+    root: str = "data/raw"
+    npz_path: str = ""
+    download: bool = True
+    mirror: str = ""
+    val_fraction: float = field(default=0.1, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    binarize: str = field(default="dynamic", metadata=_choice(*BINARIZE))
+    seed: int = field(default=0, metadata=_range(0))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = field(default="mlp", metadata=_choice(*ARCHS))
+    hidden: list = field(default_factory=lambda: [512, 256], metadata={"item": int})
+    latent_dim: int = field(default=32, metadata=_range(1))
+    likelihood: str = field(default="bernoulli", metadata=_choice(*LIKELIHOODS))
+    gaussian_sigma: float = field(default=0.1, metadata=_range(0, lo_open=True))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=30, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))
+    lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
+    beta: float = field(default=1.0, metadata=_range(0))
+    seed: int = field(default=0, metadata=_range(0))
+    device: str = field(default="auto", metadata=_choice(*DEVICES))
+    threads: int = field(default=0, metadata=_range(0))
+
+
+@dataclass
+class EvaluateConfig:
+    iwae_k: int = field(default=500, metadata=_range(1))
+    batch_size: int = field(default=100, metadata=_range(1))
+    seed: int = field(default=0, metadata=_range(0))
+    n_images: int = field(default=64, metadata=_range(1))
+
+
+@dataclass
+class ExportConfig:
+    opset: int = field(default=18, metadata=_range(7))
+    parity_atol: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    provider: str = field(default="auto", metadata=_choice(*PROVIDERS))
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "vaepipe"
+
+
+@dataclass
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def _unknown(key: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(allowed)}"
+    return ConfigError(f"unknown param '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    kind = type(f.default) if f.default is not dataclasses.MISSING else list
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"param '{key}' = {value!r} must be true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"param '{key}' = {value!r} must be an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"param '{key}' = {value!r} must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"param '{key}' = {value!r} must be a finite number")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"param '{key}' = {value!r} must be a string")
+    elif kind is list:
+        item = f.metadata.get("item", int)
+        if not isinstance(value, list) or not all(
+            isinstance(v, item) and not isinstance(v, bool) and v >= 1 for v in value
+        ):
+            raise ConfigError(f"param '{key}' = {value!r} must be a list of positive integers")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(
+            f"param '{key}' = {value!r} is not allowed; "
+            f"choose one of: {', '.join(meta['choices'])}"
+        )
+    if "range" in meta:
+        lo, hi, lo_open, hi_open = meta["range"]
+        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+            hi is not None and (value > hi or (hi_open and value == hi))
+        )
+        if bad:
+            lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+            hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+            allowed = " and ".join(s for s in (lo_s, hi_s) if s)
+            raise ConfigError(f"param '{key}' = {value!r} is out of range; must be {allowed}")
+    return value
+
+
+def _build(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"param '{prefix}' must be a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise _unknown(full, list(fields))
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory):
+            kwargs[key] = _build(f.default_factory, value, full)
+        else:
+            kwargs[key] = _coerce(full, value, f)
+    return cls(**kwargs)
+
+
+def _check_cross(p: Params) -> None:
+    if p.model.likelihood == "bernoulli" and p.data.binarize == "none":
+        raise ConfigError(
+            "param 'data.binarize' = 'none' does not fit 'model.likelihood' = 'bernoulli' "
+            "(a Bernoulli likelihood needs binary pixels); use binarize dynamic/static, "
+            "or likelihood gaussian for grey-level pixels"
+        )
+    if p.data.dataset == "npz" and not p.data.npz_path:
+        raise ConfigError("param 'data.npz_path' must name a .npz file when data.dataset is 'npz'")
+
+
+def from_dict(raw: Any) -> Params:
+    """Validate a params mapping (as in params.yaml) into Params; raises ConfigError."""
+    params = _build(Params, raw, "")
+    _check_cross(params)
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read params file {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params file {path} is not valid YAML: {e}") from None
+    return from_dict(raw)
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{'model.latent_dim': 32, ...}`: the keys of params.yaml, as logged to MLflow."""
+    out: dict[str, Any] = {}
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            if dataclasses.is_dataclass(v):
+                walk(v, key)
+            else:
+                out[key] = v
+
+    walk(params, "")
+    return out
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    return dataclasses.asdict(params)

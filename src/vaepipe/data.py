@@ -1,0 +1,347 @@
+"""Dataset sources, IDX/npz readers, splits and binarization.
+
+Images are kept as uint8 0..255 (IDX sources) or float32 in [0, 1] (digits, npz floats), shape
+[N, C, H, W]; `to_unit` turns either into float32 in [0, 1] for the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vaepipe.config import DataConfig
+from vaepipe.errors import DataError
+from vaepipe.fileio import atomic_path
+
+SYSTEM_DATASET_DIR = Path("/usr/share/datasets")
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+MIRRORS = {
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
+# Accepted SHA-256 per file: of the published .gz, and of its decompressed IDX bytes (mirrors
+# such as Debian's re-gzip the files, which changes the first but not the second).
+SHA256 = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": (
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        ),
+        "train-labels-idx1-ubyte.gz": (
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        ),
+        "t10k-images-idx3-ubyte.gz": (
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        ),
+        "t10k-labels-idx1-ubyte.gz": (
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        ),
+    },
+    "mnist": {
+        "train-images-idx3-ubyte.gz": (
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        ),
+        "train-labels-idx1-ubyte.gz": (
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        ),
+        "t10k-images-idx3-ubyte.gz": (
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            None,
+        ),
+        "t10k-labels-idx1-ubyte.gz": (
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            None,
+        ),
+    },
+}
+IDX_DTYPES = {0x08: np.uint8}
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # [N, C, H, W] uint8 0..255 or float32 in [0, 1]
+    y: np.ndarray | None  # [N] int64 labels, or None when the source has none
+
+
+# --- IDX files ---------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(
+                f"{path} is not a valid gzip file (truncated or corrupt): {e}"
+            ) from None
+    return raw
+
+
+def parse_idx(raw: bytes, source: str) -> np.ndarray:
+    """Decode IDX bytes (magic 0x0000 <dtype> <ndim>, big-endian dims, data)."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{source} is not an IDX file of unsigned bytes (bad magic {raw[:4]!r})")
+    ndim = raw[3]
+    if ndim < 1 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{source}: IDX header is truncated or has {ndim} dimensions")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims))
+    data = raw[4 + 4 * ndim :]
+    if len(data) != expected:
+        raise DataError(
+            f"{source}: IDX header says shape {dims} ({expected} bytes) but the file holds "
+            f"{len(data)} bytes (truncated or corrupt)"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    return parse_idx(_read_bytes(path), str(path))
+
+
+def _candidate_dirs(name: str, root: Path) -> list[Path]:
+    return [root / name, root, SYSTEM_DATASET_DIR / name]
+
+
+def _has_all(d: Path) -> bool:
+    return all((d / f).is_file() for f in IDX_FILES.values())
+
+
+def verify_sha256(name: str, fname: str, blob: bytes, source: str) -> None:
+    """Check downloaded bytes against the published digests (of the .gz, or of its content)."""
+    gz_sha, raw_sha = SHA256[name][fname]
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest == gz_sha:
+        return
+    try:
+        content = gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error):
+        content = b""
+    if raw_sha and hashlib.sha256(content).hexdigest() == raw_sha:
+        return
+    raise DataError(
+        f"checksum mismatch for {source}: SHA-256 {digest} is not the published {gz_sha}"
+    )
+
+
+def download_idx(name: str, dest: Path, mirror: str = "") -> Path:
+    """Download the four IDX files of `name` into `dest`, each verified before it is kept."""
+    base = mirror or MIRRORS[name]
+    if not base.endswith("/"):
+        base += "/"
+    dest.mkdir(parents=True, exist_ok=True)
+    for fname in IDX_FILES.values():
+        target = dest / fname
+        if target.is_file():
+            continue
+        url = base + fname
+        print(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                blob = resp.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise DataError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
+        verify_sha256(name, fname, blob, url)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(blob)
+    return dest
+
+
+def locate_idx(cfg: DataConfig) -> Path:
+    """data.root, then the system dataset dir, then a verified download into data.root/<name>."""
+    root = Path(cfg.root)
+    for d in _candidate_dirs(cfg.dataset, root):
+        if _has_all(d):
+            return d
+    tried = ", ".join(str(d) for d in _candidate_dirs(cfg.dataset, root))
+    if not cfg.download:
+        raise DataError(
+            f"{cfg.dataset} IDX files ({', '.join(IDX_FILES.values())}) not found in {tried}, "
+            "and data.download is false; put the files in data.root, install Debian's "
+            f"dataset-{cfg.dataset} package, or set data.download: true"
+        )
+    try:
+        return download_idx(cfg.dataset, root / cfg.dataset, cfg.mirror)
+    except DataError as e:
+        raise DataError(
+            f"{cfg.dataset} not found: no IDX files in {tried}, and the download failed ({e}); "
+            f"put the files in data.root, or install Debian's dataset-{cfg.dataset} package"
+        ) from None
+
+
+def load_idx_dataset(cfg: DataConfig) -> tuple[Split, Split]:
+    d = locate_idx(cfg)
+    arrays = {key: read_idx(d / fname) for key, fname in IDX_FILES.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(
+                f"{d}: {split} images {x.shape} and labels {y.shape} do not match "
+                "(expected [N, H, W] and [N])"
+            )
+    return (
+        Split(arrays["x_train"][:, None], arrays["y_train"].astype(np.int64)),
+        Split(arrays["x_test"][:, None], arrays["y_test"].astype(np.int64)),
+    )
+
+
+# --- other sources ---------------------------------------------------------------------------
+
+
+def _holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off `fraction` of the examples with a seeded permutation: (rest, held out)."""
+    n = len(split.x)
+    n_out = int(round(n * fraction))
+    if n_out < 1 or n_out >= n:
+        raise DataError(f"cannot hold out {fraction:.0%} of {n} examples: one side would be empty")
+    perm = np.random.default_rng(seed).permutation(n)
+    keep, out = np.sort(perm[n_out:]), np.sort(perm[:n_out])
+
+    def take(idx):
+        return Split(split.x[idx], None if split.y is None else split.y[idx])
+
+    return take(keep), take(out)
+
+
+def load_digits_dataset(cfg: DataConfig) -> tuple[Split, Split]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]  # [1797, 1, 8, 8] in [0, 1]
+    # No official test split: a fixed 20% (seed 0, independent of data.seed) plays that role.
+    return _holdout(Split(x, bunch.target.astype(np.int64)), 0.2, seed=0)
+
+
+def validate_images(x: np.ndarray, source: str) -> np.ndarray:
+    """Accept [N,H,W] or [N,C,H,W]; uint8/ints in 0..255 or floats in [0, 1]."""
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(
+            f"{source}: images have shape {x.shape}; expected [N, H, W] or [N, C, H, W]"
+        )
+    if x.shape[0] == 0:
+        raise DataError(f"{source}: the dataset is empty (0 images)")
+    if min(x.shape[1:]) < 1:
+        raise DataError(f"{source}: images have an empty dimension, shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.integer):
+        if x.min() < 0 or x.max() > 255:
+            raise DataError(
+                f"{source}: integer pixels must lie in 0..255, found {x.min()}..{x.max()}"
+            )
+        return x.astype(np.uint8)
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{source}: images contain NaN or Inf")
+        if x.min() < 0 or x.max() > 1:
+            raise DataError(
+                f"{source}: float pixels must lie in [0, 1], found {x.min():g}..{x.max():g} "
+                "(store uint8 0..255 or scale to [0, 1])"
+            )
+        return x.astype(np.float32)
+    raise DataError(f"{source}: images have dtype {x.dtype}; expected uint8 or float")
+
+
+def _labels(y: np.ndarray | None, n: int, source: str) -> np.ndarray | None:
+    if y is None:
+        return None
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{source}: labels 'y' must be integers of shape ({n},), got {y.dtype} {y.shape}"
+        )
+    return y.astype(np.int64)
+
+
+def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
+    path = Path(cfg.npz_path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise DataError(f"npz file {path} (data.npz_path) does not exist") from None
+    except (OSError, ValueError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable .npz file: {e}") from None
+    if "x" not in arrays:
+        raise DataError(f"{path} has keys {sorted(arrays)}; it needs 'x' (and optionally 'y')")
+    x = validate_images(arrays["x"], f"{path}['x']")
+    train = Split(x, _labels(arrays.get("y"), len(x), f"{path}['y']"))
+    if "x_test" in arrays:
+        xt = validate_images(arrays["x_test"], f"{path}['x_test']")
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: x_test images {xt.shape[1:]} differ from x {x.shape[1:]}")
+        return train, Split(xt, _labels(arrays.get("y_test"), len(xt), f"{path}['y_test']"))
+    return _holdout(train, 0.2, seed=0)
+
+
+def load_source(cfg: DataConfig) -> tuple[Split, Split]:
+    """(train, test) from the configured source; test is the official split where there is one."""
+    if cfg.dataset in ("fashion-mnist", "mnist"):
+        return load_idx_dataset(cfg)
+    if cfg.dataset == "digits":
+        return load_digits_dataset(cfg)
+    return load_npz_dataset(cfg)
+
+
+def prepare_splits(cfg: DataConfig) -> dict[str, Split]:
+    train, test = load_source(cfg)
+    train, val = _holdout(train, cfg.val_fraction, cfg.seed)
+    return {"train": train, "val": val, "test": test}
+
+
+# --- prepared files ------------------------------------------------------------------------------
+
+
+def save_split(path: str | Path, split: Split) -> None:
+    arrays = {"x": split.x}
+    if split.y is not None:
+        arrays["y"] = split.y
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_split(path: str | Path) -> Split:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x = f["x"]
+            y = f["y"] if "y" in f.files else None
+    except FileNotFoundError:
+        raise DataError(
+            f"prepared data {path} is missing; run the prepare stage (dvc repro)"
+        ) from None
+    except (KeyError, OSError, ValueError, EOFError, zlib.error) as e:
+        raise DataError(
+            f"prepared data {path} is unreadable ({e}); rerun the prepare stage"
+        ) from None
+    return Split(validate_images(x, str(path)), _labels(y, len(x), str(path)))
+
+
+def to_unit(x: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1] from uint8 0..255 or float32 [0, 1]."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    return x.astype(np.float32, copy=False)

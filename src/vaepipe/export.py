@@ -1,0 +1,141 @@
+"""ONNX export of encoder and decoder per DESIGN.md's contract, with a parity check.
+
+encoder.onnx: x float32 [batch, C, H, W] in [0, 1] -> mu, logvar float32 [batch, latent_dim]
+decoder.onnx: z float32 [batch, latent_dim] -> x_mean float32 [batch, C, H, W]
+Batch axis dynamic; no random op inside; opset pinned; metadata_props describe the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vaepipe.errors import VaepipeError
+from vaepipe.fileio import atomic_path
+from vaepipe.model import VAE, DecoderMean
+
+RANDOM_OPS = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
+PARITY_BATCHES = (1, 257)
+
+
+class ExportError(VaepipeError):
+    pass
+
+
+class EncoderGraph(nn.Module):
+    """x -> (mu, logvar): the deterministic half of q(z|x); sampling is the caller's job."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor):
+        return self.vae.encode(x)
+
+
+def _export(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    names,
+    opset: int,
+    metadata: dict[str, str],
+) -> None:
+    import onnx
+
+    module = module.eval()
+    in_name, out_names = names
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter warns about torchvision ops it cannot register; we use none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[in_name],
+            output_names=list(out_names),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={in_name: {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model_proto
+    random = sorted({n.op_type for n in model.graph.node} & RANDOM_OPS)
+    if random:
+        raise ExportError(f"exported graph of {path.name} contains random ops {random}")
+    # The dynamo exporter names the batch dim 'batch'; make sure every output agrees.
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        dim0.Clear()
+        dim0.dim_param = "batch"
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=str(v))
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
+def export_models(
+    vae: VAE, out_dir: Path, opset: int, metadata: dict[str, str]
+) -> dict[str, Path]:
+    vae = vae.cpu().eval()
+    cfg = vae.cfg
+    meta = {
+        "latent_dim": cfg.latent_dim,
+        "image_shape": ",".join(map(str, cfg.image_shape)),
+        "likelihood": cfg.likelihood,
+        "opset": opset,
+        **metadata,
+    }
+    paths = {"encoder": out_dir / "encoder.onnx", "decoder": out_dir / "decoder.onnx"}
+    _export(
+        EncoderGraph(vae),
+        torch.rand(2, *cfg.image_shape),
+        paths["encoder"],
+        ("x", ("mu", "logvar")),
+        opset,
+        meta,
+    )
+    _export(
+        DecoderMean(vae),
+        torch.randn(2, cfg.latent_dim),
+        paths["decoder"],
+        ("z", ("x_mean",)),
+        opset,
+        meta,
+    )
+    return paths
+
+
+@torch.no_grad()
+def parity(vae: VAE, encoder_sess, decoder_sess, seed: int = 0) -> dict[str, float]:
+    """Max abs difference between onnxruntime and PyTorch outputs at batch 1 and 257."""
+    vae = vae.cpu().eval()
+    gen = torch.Generator().manual_seed(seed)
+    errs: dict[str, float] = {}
+    for b in PARITY_BATCHES:
+        x = torch.rand((b, *vae.cfg.image_shape), generator=gen)
+        mu, logvar = vae.encode(x)
+        o_mu, o_logvar = encoder_sess.run({"x": x.numpy()})
+        errs[f"encoder_b{b}"] = float(
+            max(np.abs(o_mu - mu.numpy()).max(), np.abs(o_logvar - logvar.numpy()).max())
+        )
+        z = torch.randn((b, vae.cfg.latent_dim), generator=gen)
+        (o_x,) = decoder_sess.run({"z": z.numpy()})
+        errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z)).numpy()).max())
+    return errs
