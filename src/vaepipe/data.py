@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +284,7 @@ def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise DataError(f"npz file {path} (data.npz_path) does not exist") from None
-    except (OSError, ValueError, EOFError, zlib.error) as e:
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not a readable .npz file: {e}") from None
     if "x" not in arrays:
         raise DataError(f"{path} has keys {sorted(arrays)}; it needs 'x' (and optionally 'y')")
@@ -333,7 +334,7 @@ def load_split(path: str | Path) -> Split:
         raise DataError(
             f"prepared data {path} is missing; run the prepare stage (dvc repro)"
         ) from None
-    except (KeyError, OSError, ValueError, EOFError, zlib.error) as e:
+    except (KeyError, OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise DataError(
             f"prepared data {path} is unreadable ({e}); rerun the prepare stage"
         ) from None

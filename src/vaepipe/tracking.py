@@ -38,12 +38,11 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / STORE_DIR / 'mlflow.db'}"
 
 
-def artifact_location(root: Path | None = None) -> str | None:
-    """Where a new experiment keeps artifacts; None lets a tracking server decide."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    root = root or project_root()
-    return (root / STORE_DIR / "artifacts").as_uri()
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside its database; a tracking server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
 
 
 def _retry(fn, what: str, attempts: int = 8, delay: float = 0.25):
@@ -93,7 +92,7 @@ def setup(experiment: str) -> str:
         try:
             return client.create_experiment(
                 experiment,
-                artifact_location=artifact_location(),
+                artifact_location=artifact_location(uri),
                 tags={"mlflow.experimentKind": "custom_model_development"},
             )
         except Exception as e:  # another worker created it first: that is success

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from vaepipe import config
+from vaepipe.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_loads_and_flattens_with_its_own_keys():
+    params = config.load(ROOT / "params.yaml")
+    flat = config.flatten(params)
+    assert flat["model.latent_dim"] == params.model.latent_dim
+    assert flat["data.dataset"] == "fashion-mnist"
+    assert all("." in k for k in flat)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"latent_dimm": 3}}, "did you mean 'latent_dim'"),
+        ({"trian": {}}, "did you mean 'train'"),
+        ({"model": {"latent_dim": 0}}, "'model.latent_dim' = 0 is out of range; must be >= 1"),
+        ({"model": {"latent_dim": "8"}}, "'model.latent_dim' = '8' must be an integer"),
+        ({"model": {"latent_dim": True}}, "must be an integer"),
+        ({"train": {"lr": 0}}, "'train.lr' = 0.0 is out of range; must be > 0"),
+        ({"train": {"lr": float("nan")}}, "must be a finite number"),
+        ({"data": {"val_fraction": 1.0}}, "must be > 0 and < 1"),
+        ({"evaluate": {"iwae_k": 0}}, "'evaluate.iwae_k'"),
+        ({"data": {"dataset": "cifar"}}, "choose one of: fashion-mnist, mnist, digits, npz"),
+        ({"model": {"likelihood": "poisson"}}, "'model.likelihood'"),
+        ({"export": {"provider": "tpu"}}, "'export.provider'"),
+        ({"model": {"hidden": [64, 0]}}, "list of positive integers"),
+        ({"model": "big"}, "'model' must be a mapping"),
+        ({"data": {"binarize": "none"}}, "needs binary pixels"),
+        ({"data": {"dataset": "npz"}}, "'data.npz_path'"),
+    ],
+)
+def test_bad_params_name_key_value_and_allowed(raw, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        config.from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_gaussian_with_grey_pixels_is_valid():
+    p = config.from_dict({"model": {"likelihood": "gaussian"}, "data": {"binarize": "none"}})
+    assert p.model.likelihood == "gaussian" and p.train.lr == 1e-3

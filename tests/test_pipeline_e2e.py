@@ -1,0 +1,170 @@
+"""End to end: `dvc repro` in a temp git repo on tiny data with a real sqlite MLflow store."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+PER_EPOCH = [
+    "train/loss",
+    "train/recon",
+    "train/kl",
+    "train/elbo",
+    "val/recon",
+    "val/kl",
+    "val/elbo",
+    "beta",
+    "lr",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cwd, *args, check=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, **overrides):
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    set_params(
+        repo,
+        **{
+            "data.dataset": "digits",
+            "model.hidden": [32],
+            "model.latent_dim": 4,
+            "train.epochs": EPOCHS,
+            "train.batch_size": 64,
+            "evaluate.iwae_k": 8,
+        },
+    )
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "init")
+    first = sh(repo, "dvc", "repro")
+    return repo, first
+
+
+def test_repro_writes_every_output(repo):
+    repo, first = repo
+    for out in (
+        "data/prepared/train.npz",
+        "data/prepared/val.npz",
+        "data/prepared/test.npz",
+        "models/vae.pt",
+        "models/encoder.onnx",
+        "models/decoder.onnx",
+        "metrics/train.json",
+        "metrics/evaluate.json",
+        "metrics/export.json",
+        "plots/evaluate/reconstructions.png",
+        "plots/evaluate/samples.png",
+    ):
+        assert (repo / out).is_file(), out
+    assert "Traceback" not in first.stderr
+
+
+def test_mlflow_run_holds_every_per_epoch_term(repo):
+    repo, _ = repo
+    db = sqlite3.connect(repo / "mlruns" / "mlflow.db")
+    runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
+    assert len(runs) == 1 and runs[0][1] == "FINISHED"
+    run_id = runs[0][0]
+    steps = dict(
+        db.execute(
+            "SELECT key, COUNT(*) FROM metrics WHERE run_uuid=? GROUP BY key", (run_id,)
+        ).fetchall()
+    )
+    for key in PER_EPOCH:
+        assert steps.get(key) == EPOCHS, key
+    for key in ("test/nll_iwae", "test/elbo", "test/recon", "test/kl", "test/mse"):
+        assert steps.get(key) == 1, key
+    params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (run_id,)))
+    assert params["model.latent_dim"] == "4" and params["data.dataset"] == "digits"
+    tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid=?", (run_id,)))
+    assert tags["dataset"] == "digits" and tags["device"] == "cpu"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["onnx_provider"]
+    assert "torch_version" in tags and "onnxruntime_version" in tags
+    artifacts = repo / "mlruns" / "artifacts"
+    assert list(artifacts.rglob("reconstructions.png")) and list(artifacts.rglob("MLmodel"))
+
+
+def test_metrics_are_consistent(repo):
+    import json
+
+    repo, _ = repo
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert ev["test/elbo"] == pytest.approx(-(ev["test/recon"] + ev["test/kl"]), abs=1e-3)
+    assert ev["test/nll_iwae"] <= -ev["test/elbo"] + 1.0  # IWAE (k=8) is no looser than the ELBO
+    ex = json.loads((repo / "metrics/export.json").read_text())
+    assert ex["provider"] == "CPUExecutionProvider" and ex["parity_max_abs_err"] < 1e-4
+
+
+def test_onnx_files_run_in_onnxruntime(repo):
+    import onnxruntime as ort
+
+    repo, _ = repo
+    enc = ort.InferenceSession(
+        str(repo / "models/encoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    dec = ort.InferenceSession(
+        str(repo / "models/decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    mu, logvar = enc.run(None, {"x": np.random.rand(3, 1, 8, 8).astype(np.float32)})
+    assert mu.shape == logvar.shape == (3, 4)
+    (x_mean,) = dec.run(None, {"z": mu})
+    assert x_mean.shape == (3, 1, 8, 8)
+
+
+def test_second_repro_does_nothing_and_param_change_reruns_only_dependents(repo):
+    repo, _ = repo
+    again = sh(repo, "dvc", "repro")
+    assert "Running stage" not in again.stdout
+    set_params(repo, **{"evaluate.iwae_k": 4})
+    changed = sh(repo, "dvc", "repro")
+    ran = [line for line in changed.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'evaluate':"], changed.stdout
+    set_params(repo, **{"evaluate.iwae_k": 8})
+
+
+def test_bad_param_fails_cleanly_and_keeps_outputs(repo):
+    repo, _ = repo
+    before = (repo / "models/vae.pt").read_bytes()
+    set_params(repo, **{"model.latent_dim": 0})
+    try:
+        proc = sh(repo, "dvc", "repro", check=False)
+    finally:
+        set_params(repo, **{"model.latent_dim": 4})
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "error: param 'model.latent_dim' = 0 is out of range" in out
+    assert "Traceback" not in out
+    assert (repo / "models/vae.pt").read_bytes() == before
