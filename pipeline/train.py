@@ -2,8 +2,12 @@
 
 Writes models/vae.pt (weights + config + params), metrics/train.json (final figures and the
 MLflow run id that evaluate and export add to) and plots/train/curves.json (per-epoch curves).
+After every epoch, and on Ctrl-C / SIGTERM, the whole loop state goes to
+models/checkpoints/last.pt; the next run with the same params continues from it (train.resume).
 """
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from vaepipe.train import fit, resolve_device, set_threads
 
 PREPARED = Path("data/prepared")
 MODEL = Path("models/vae.pt")
+CHECKPOINT = Path("models/checkpoints/last.pt")
 METRICS = Path("metrics/train.json")
 CURVES = Path("plots/train/curves.json")
 
@@ -24,6 +29,28 @@ CURVES = Path("plots/train/curves.json")
 def load_tensor(name: str, device: torch.device) -> torch.Tensor:
     split = data.load_split(PREPARED / f"{name}.npz")
     return torch.from_numpy(data.to_unit(split.x)).to(device)
+
+
+def fingerprint(params: config.Params, n_train: int) -> str:
+    """What a checkpoint must match to be resumed: every data/model/train param but resume."""
+    keys = {
+        k: v
+        for k, v in config.flatten(params).items()
+        if k.split(".")[0] in ("data", "model", "train") and k != "train.resume"
+    }
+    blob = json.dumps({"params": keys, "n_train": n_train}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resume_state(params: config.Params, fp: str) -> dict | None:
+    if not params.train.resume or not CHECKPOINT.is_file():
+        return None
+    state = checkpoint.load_state(CHECKPOINT)
+    if state["fingerprint"] != fp:
+        print(f"train: {CHECKPOINT} was made with other params; starting afresh")
+        return None
+    print(f"train: resuming from {CHECKPOINT} (epoch {state['epoch']}, batch {state['batch']})")
+    return state
 
 
 @exit_on_user_error
@@ -46,39 +73,56 @@ def main() -> None:
     )
     torch.manual_seed(params.train.seed)
     vae = VAE(mcfg).to(device)
+    fp = fingerprint(params, len(x_train))
+    state = resume_state(params, fp)
     tags = tracking.run_tags(params.data.dataset, str(device))
+    run_id = state["run_id"] if state and tracking.run_exists(state["run_id"]) else None
     print(
         f"train: {len(x_train)} examples {tuple(x_train.shape[1:])} on {device}, {threads} threads"
     )
-    with tracking.run(params.mlflow.experiment, tags=tags) as run:
+    with tracking.run(params.mlflow.experiment, run_id=run_id, tags=tags) as run:
         import mlflow
 
-        mlflow.log_params(config.flatten(params))
-        curves = []
+        if run_id is None:
+            mlflow.log_params(config.flatten(params))
 
         def on_epoch_end(stats):
             tracking.log_epoch(stats.metrics(), step=stats.epoch)
-            curves.append(
-                {
-                    "epoch": stats.epoch,
-                    **{k.replace("/", "_"): v for k, v in stats.metrics().items()},
-                }
+
+        def on_checkpoint(loop_state):
+            checkpoint.save_state(
+                CHECKPOINT, {**loop_state, "fingerprint": fp, "run_id": run.info.run_id}
             )
 
         t0 = time.perf_counter()
-        history = fit(vae, x_train, x_val, params.train, params.data.binarize, on_epoch_end)
+        history = fit(
+            vae,
+            x_train,
+            x_val,
+            params.train,
+            params.data.binarize,
+            on_epoch_end,
+            on_checkpoint,
+            resume=state,
+        )
         seconds = time.perf_counter() - t0
         last = history[-1]
         checkpoint.save(MODEL, vae, {"params": config.to_dict(params), "run_id": run.info.run_id})
+        curves = [
+            {"epoch": h.epoch, **{k.replace("/", "_"): v for k, v in h.metrics().items()}}
+            for h in history
+        ]
         write_json(CURVES, curves)
-        summary = {
-            "run_id": run.info.run_id,
-            "epochs": last.epoch,
-            "train_seconds": round(seconds, 2),
-            "device": str(device),
-            **{k: v for k, v in last.metrics().items() if k != "epoch_seconds"},
-        }
-        write_json(METRICS, summary)
+        write_json(
+            METRICS,
+            {
+                "run_id": run.info.run_id,
+                "epochs": last.epoch,
+                "train_seconds": round(seconds, 2),
+                "device": str(device),
+                **{k: v for k, v in last.metrics().items() if k != "epoch_seconds"},
+            },
+        )
         mlflow.log_metric("train_seconds", seconds)
     print(
         f"train: done in {seconds:.1f}s; val ELBO {last.val['elbo']:.2f} nats "

@@ -37,3 +37,24 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[VAE, dic
     except Exception as e:  # unpickling, missing keys and shape mismatches all mean "bad file"
         raise ModelFileError(f"{path} is not a valid vaepipe model file: {e}") from None
     return vae.to(device).eval(), payload
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """A training-loop state (train._Loop.state_dict plus our keys), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle content
+        raise ModelFileError(
+            f"training checkpoint {path} is unreadable ({e}); delete it or set train.resume: false"
+        ) from None
+    if not isinstance(state, dict) or "fingerprint" not in state or "model" not in state:
+        raise ModelFileError(
+            f"{path} is not a vaepipe training checkpoint; delete it or set train.resume: false"
+        )
+    return state

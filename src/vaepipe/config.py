@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_range(0))
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     threads: int = field(default=0, metadata=_range(0))
+    resume: bool = True
 
 
 @dataclass
@@ -71,13 +72,22 @@ class EvaluateConfig:
     batch_size: int = field(default=100, metadata=_range(1))
     seed: int = field(default=0, metadata=_range(0))
     n_images: int = field(default=64, metadata=_range(1))
+    active_threshold: float = field(default=0.01, metadata=_range(0, lo_open=True))
+    probe_train_size: int = field(default=10000, metadata=_range(0))
+    knn_k: int = field(default=5, metadata=_range(1))
+    traversal_dims: int = field(default=8, metadata=_range(1))
 
 
 @dataclass
 class ExportConfig:
     opset: int = field(default=18, metadata=_range(7))
     parity_atol: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    fp16_parity_atol: float = field(default=1e-2, metadata=_range(0, lo_open=True))
+    int8_parity_atol: float = field(default=5e-2, metadata=_range(0, lo_open=True))
     provider: str = field(default="auto", metadata=_choice(*PROVIDERS))
+    encoder_model: str = "vae-encoder"
+    decoder_model: str = "vae-decoder"
+    serve_max_batch: int = field(default=4096, metadata=_range(1))
 
 
 @dataclass

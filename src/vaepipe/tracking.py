@@ -74,8 +74,8 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
-def setup(experiment: str) -> str:
-    """Point MLflow at the store and make sure `experiment` exists; returns its id."""
+def setup_uri() -> str:
+    """Resolve the store, check it answers, and point MLflow at it; returns the URI."""
     import mlflow
 
     uri = tracking_uri()
@@ -83,6 +83,14 @@ def setup(experiment: str) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and make sure `experiment` exists; returns its id."""
+    import mlflow
+
+    uri = setup_uri()
     client = mlflow.MlflowClient()
 
     def get_or_create() -> str:
@@ -101,6 +109,18 @@ def setup(experiment: str) -> str:
             raise
 
     return _retry(get_or_create, f"experiment {experiment}")
+
+
+def run_exists(run_id: str) -> bool:
+    """Is `run_id` a run of the current store (a resumed checkpoint may outlive its store)?"""
+    import mlflow
+
+    setup_uri()
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST) or a store that is gone
+        return False
+    return True
 
 
 def _git(*args: str) -> str | None:
@@ -136,14 +156,11 @@ def run_tags(dataset: str, device: str) -> dict[str, str]:
     return tags
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so the run is closed as KILLED."""
-
-
 @contextlib.contextmanager
 def _sigterm_as_exception() -> Iterator[None]:
     def handler(signum, frame):
-        raise _Terminated()
+        # SIGTERM (dvc queue kill, a scheduler) becomes Ctrl-C: checkpoint, close the run KILLED.
+        raise KeyboardInterrupt("SIGTERM")
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -182,9 +199,9 @@ def run(
         with _sigterm_as_exception():
             yield active
         status = "FINISHED"
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:
         status = "KILLED"
-        raise KeyboardInterrupt from None
+        raise
     finally:
         _retry(lambda: mlflow.end_run(status=status), "end run")
 

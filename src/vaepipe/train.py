@@ -1,12 +1,16 @@
 """The training loop: Adam on the (beta-)ELBO, data held as tensors on the training device.
 
-No file I/O and no MLflow here: each finished epoch is handed to `on_epoch_end`, which the
-stage script uses for logging and checkpoints.
+No file I/O and no MLflow here: each finished epoch is handed to `on_epoch_end`, and the full
+loop state (weights, optimizer, RNG, position in the epoch) to `on_checkpoint` after every epoch
+and when the loop is interrupted, so the stage script can log, save and later resume exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +19,7 @@ import torch
 
 from vaepipe.config import TrainConfig
 from vaepipe.elbo import elbo_terms
+from vaepipe.errors import VaepipeError
 from vaepipe.metrics import evaluate_elbo
 from vaepipe.model import VAE
 
@@ -58,6 +63,127 @@ def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.bernoulli(x, generator=generator)
 
 
+class TrainingDiverged(VaepipeError):
+    """The loss or a gradient became NaN/Inf; raised before the bad step is applied."""
+
+
+class _Loop:
+    """Training state that must survive an interruption: enough to resume bit-for-bit on CPU."""
+
+    def __init__(self, vae: VAE, cfg: TrainConfig, device: torch.device):
+        self.vae = vae
+        self.opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.epoch = 0  # epochs completed
+        self.batch = 0  # batches completed within the current epoch
+        self.perm: torch.Tensor | None = None  # the current epoch's order
+        self.sums = torch.zeros(
+            4, device=device, dtype=torch.float64
+        )  # n * (loss, recon, kl, elbo)
+        self.history: list[EpochStats] = []
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers and lists only: loadable with torch.load(weights_only=True)."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.vae.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "gen": self.gen.get_state(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "perm": None if self.perm is None else self.perm.cpu(),
+            "sums": self.sums.cpu(),
+            "history": [dataclasses.asdict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.sums.device
+        self.vae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.gen.set_state(state["gen"])
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.perm = None if state["perm"] is None else state["perm"].to(device)
+        self.sums = state["sums"].to(device)
+        self.history = [EpochStats(**h) for h in state["history"]]
+
+
+def _check_finite(vae: VAE, loss: torch.Tensor, epoch: int, batch: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, batch {batch}")
+    grads = [p.grad for p in vae.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if not torch.isfinite(norm):
+        bad = [
+            n
+            for n, p in vae.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        raise TrainingDiverged(
+            f"gradient of {', '.join(bad)} is NaN/Inf at epoch {epoch}, batch {batch}"
+        )
+
+
+class _DeferredInterrupts:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps, so an interruption never
+    lands inside optimizer.step() (a half-updated model cannot be resumed exactly). A second
+    signal interrupts at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(self.requested)
+
+
+def _train_epoch(loop: _Loop, x_train, cfg: TrainConfig, binarization: str, interrupts):
+    """Finish the current epoch from loop.batch on; returns (loss, recon, kl, elbo) means."""
+    vae, n, bs = loop.vae, len(x_train), cfg.batch_size
+    vae.train()
+    # Interrupts are taken only between whole steps, and never between drawing the epoch's
+    # order and its first step, so a saved state always resumes to the same numbers.
+    interrupts.check()
+    if loop.batch == 0:
+        loop.perm = torch.randperm(n, generator=loop.gen, device=x_train.device)
+        loop.sums.zero_()
+    for i in range(loop.batch * bs, n, bs):
+        xb = x_train[loop.perm[i : i + bs]]
+        if binarization == "dynamic":
+            xb = binarize(xb, loop.gen)
+        logits, mu, logvar = vae(xb)
+        t = elbo_terms(
+            xb, logits, mu, logvar, vae.cfg.likelihood, vae.cfg.gaussian_sigma, cfg.beta
+        )
+        loop.opt.zero_grad(set_to_none=True)
+        t.loss.backward()
+        _check_finite(vae, t.loss, loop.epoch + 1, loop.batch + 1)
+        loop.opt.step()
+        loop.sums += len(xb) * torch.stack([t.loss, t.recon, t.kl, t.elbo]).detach().double()
+        loop.batch += 1
+        interrupts.check()
+    return (loop.sums / n).tolist()
+
+
 def fit(
     vae: VAE,
     x_train: torch.Tensor,
@@ -65,57 +191,59 @@ def fit(
     cfg: TrainConfig,
     binarization: str,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
     progress: bool = True,
 ) -> list[EpochStats]:
     """Train `vae` on float images in [0, 1] ([N, C, H, W], already on the training device).
 
     binarization: 'dynamic' draws new binary pixels each epoch, 'static' draws them once,
-    'none' trains on the intensities (Gaussian likelihood).
+    'none' trains on the intensities (Gaussian likelihood). `resume` is a state from
+    `on_checkpoint`; training then continues exactly where that state left off.
     """
     from tqdm.auto import tqdm
 
     device = x_train.device
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    loop = _Loop(vae, cfg, device)
     val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     if binarization != "none":
         x_val = binarize(x_val, val_gen)  # fixed draw: val figures comparable across epochs
     if binarization == "static":
-        x_train = binarize(x_train, gen)
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
-    n = len(x_train)
-    history: list[EpochStats] = []
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        vae.train()
-        perm = torch.randperm(n, generator=gen, device=device)
-        sums = torch.zeros(4, device=device, dtype=torch.float64)
-        for i in range(0, n, cfg.batch_size):
-            xb = x_train[perm[i : i + cfg.batch_size]]
-            if binarization == "dynamic":
-                xb = binarize(xb, gen)
-            logits, mu, logvar = vae(xb)
-            t = elbo_terms(
-                xb, logits, mu, logvar, vae.cfg.likelihood, vae.cfg.gaussian_sigma, cfg.beta
-            )
-            opt.zero_grad(set_to_none=True)
-            t.loss.backward()
-            opt.step()
-            sums += len(xb) * torch.stack([t.loss, t.recon, t.kl, t.elbo]).detach().double()
-        loss, recon, kl, elbo = (sums / n).tolist()
-        val, kl_d = evaluate_elbo(vae, x_val, seed=cfg.seed)
-        stats = EpochStats(
-            epoch=epoch,
-            train={"loss": loss, "recon": recon, "kl": kl, "elbo": elbo},
-            val=val,
-            beta=cfg.beta,
-            lr=opt.param_groups[0]["lr"],
-            seconds=time.perf_counter() - t0,
-            kl_per_dim=kl_d.tolist(),
-        )
-        history.append(stats)
-        bar.set_postfix(train_elbo=f"{elbo:.2f}", val_elbo=f"{val['elbo']:.2f}")
-        if on_epoch_end is not None:
-            on_epoch_end(stats)
-    return history
+        x_train = binarize(x_train, loop.gen)
+    if resume is not None:
+        loop.load_state_dict(resume)
+    bar = tqdm(
+        total=cfg.epochs, initial=loop.epoch, desc="train", unit="epoch", disable=not progress
+    )
+    try:
+        with _DeferredInterrupts() as interrupts:
+            while loop.epoch < cfg.epochs:
+                t0 = time.perf_counter()
+                loss, recon, kl, elbo = _train_epoch(loop, x_train, cfg, binarization, interrupts)
+                val, kl_d = evaluate_elbo(vae, x_val, seed=cfg.seed)
+                loop.epoch, loop.batch = loop.epoch + 1, 0
+                stats = EpochStats(
+                    epoch=loop.epoch,
+                    train={"loss": loss, "recon": recon, "kl": kl, "elbo": elbo},
+                    val=val,
+                    beta=cfg.beta,
+                    lr=loop.opt.param_groups[0]["lr"],
+                    seconds=time.perf_counter() - t0,
+                    kl_per_dim=kl_d.tolist(),
+                )
+                loop.history.append(stats)
+                bar.update(1)
+                bar.set_postfix(train_elbo=f"{elbo:.2f}", val_elbo=f"{val['elbo']:.2f}")
+                if on_epoch_end is not None:
+                    on_epoch_end(stats)
+                if on_checkpoint is not None:
+                    on_checkpoint(loop.state_dict())
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM, taken between two steps: save the exact position, then stop.
+        if on_checkpoint is not None:
+            on_checkpoint(loop.state_dict())
+        raise
+    finally:
+        bar.close()
+    return loop.history

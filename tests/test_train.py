@@ -1,0 +1,146 @@
+"""The training loop: learning happens, NaN stops it by name, interrupts resume bit-for-bit."""
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from vaepipe.config import TrainConfig
+from vaepipe.model import VAE, VAEConfig
+from vaepipe.train import TrainingDiverged, fit
+
+CFG = VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
+
+
+def data(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(4, 1, 8, 8, generator=g)
+    x = protos[torch.randint(0, 4, (n,), generator=g)] * 0.9 + 0.05
+    return x[: n - 100], x[n - 100 :]
+
+
+def fresh():
+    torch.manual_seed(0)
+    return VAE(CFG)
+
+
+def weights(vae):
+    return torch.cat([p.detach().flatten() for p in vae.parameters()])
+
+
+def test_training_improves_the_elbo_and_reports_every_term():
+    x, xv = data()
+    hist = fit(fresh(), x, xv, TrainConfig(epochs=5, batch_size=50), "dynamic", progress=False)
+    assert len(hist) == 5
+    assert hist[-1].val["elbo"] > hist[0].val["elbo"]
+    m = hist[-1].metrics()
+    for key in (
+        "train/loss",
+        "train/recon",
+        "train/kl",
+        "train/elbo",
+        "val/recon",
+        "val/kl",
+        "val/elbo",
+        "beta",
+        "lr",
+    ):
+        assert key in m and m[key] == m[key]  # present and not NaN
+
+
+def test_same_seed_same_weights_on_cpu():
+    x, xv = data()
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    a, b = fresh(), fresh()
+    fit(a, x, xv, cfg, "dynamic", progress=False)
+    fit(b, x, xv, cfg, "dynamic", progress=False)
+    assert torch.equal(weights(a), weights(b))
+
+
+@pytest.mark.parametrize("binarization", ["dynamic", "static"])
+def test_resume_after_interrupt_reaches_identical_weights(binarization):
+    x, xv = data()
+    cfg = TrainConfig(epochs=4, batch_size=32)
+    ref = fresh()
+    ref_hist = fit(ref, x, xv, cfg, binarization, progress=False)
+
+    saved = []
+    calls = {"n": 0}
+
+    def interrupt_mid_epoch(state):
+        saved.append(state)
+
+    # Ctrl-C in the middle of epoch 3, sent from inside a forward pass.
+    steps_per_epoch = -(-len(x) // cfg.batch_size)
+    target = 2 * steps_per_epoch + 3
+
+    original_fwd = VAE.forward
+
+    def counting_forward(self, xb):
+        calls["n"] += 1
+        if calls["n"] == target:
+            os.kill(os.getpid(), signal.SIGINT)  # taken by the loop at the next safe point
+        return original_fwd(self, xb)
+
+    interrupted = fresh()
+    VAE.forward = counting_forward
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(
+                interrupted,
+                x,
+                xv,
+                cfg,
+                binarization,
+                on_checkpoint=interrupt_mid_epoch,
+                progress=False,
+            )
+    finally:
+        VAE.forward = original_fwd
+    state = saved[-1]
+    assert state["epoch"] == 2 and 0 < state["batch"] < steps_per_epoch
+
+    resumed = fresh()
+    hist = fit(resumed, x, xv, cfg, binarization, resume=state, progress=False)
+    assert torch.equal(weights(resumed), weights(ref))
+    assert [h.val for h in hist] == [h.val for h in ref_hist]
+
+
+def test_nan_loss_stops_with_epoch_and_batch_named():
+    x, xv = data()
+    vae = fresh()
+    with torch.no_grad():
+        vae.decoder.net[-1].bias[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, batch 1"):
+        fit(vae, x, xv, TrainConfig(epochs=1, batch_size=50), "dynamic", progress=False)
+
+
+def test_nan_gradient_is_caught_before_the_step():
+    x, xv = data()
+    vae = fresh()
+    vae.encoder.net[0].weight.register_hook(lambda g: g * float("inf"))
+    before = weights(vae).clone()
+    with pytest.raises(TrainingDiverged, match=r"gradient of encoder.net.0.weight .* batch 1"):
+        fit(vae, x, xv, TrainConfig(epochs=1, batch_size=50), "dynamic", progress=False)
+    assert torch.equal(weights(vae), before)  # the bad step was not applied
+
+
+def test_sigterm_mid_training_is_an_interrupt_with_a_checkpoint():
+    x, xv = data(n=3000)
+    saved = []
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        fit(
+            fresh(),
+            x,
+            xv,
+            TrainConfig(epochs=200, batch_size=16),
+            "dynamic",
+            on_checkpoint=saved.append,
+            progress=False,
+        )
+    timer.cancel()
+    assert saved and saved[-1]["epoch"] < 200
