@@ -76,7 +76,11 @@ def main() -> None:
     fp = fingerprint(params, len(x_train))
     state = resume_state(params, fp)
     tags = tracking.run_tags(params.data.dataset, str(device))
-    run_id = state["run_id"] if state and tracking.run_exists(state["run_id"]) else None
+    run_id = (
+        state["run_id"]
+        if state and tracking.run_exists(params.mlflow.experiment, state["run_id"])
+        else None
+    )
     print(
         f"train: {len(x_train)} examples {tuple(x_train.shape[1:])} on {device}, {threads} threads"
     )

@@ -91,9 +91,9 @@ def setup(experiment: str) -> str:
     import mlflow
 
     uri = setup_uri()
-    client = mlflow.MlflowClient()
 
     def get_or_create() -> str:
+        client = mlflow.MlflowClient()  # on a new sqlite store this creates the tables
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
             return exp.experiment_id
@@ -105,17 +105,36 @@ def setup(experiment: str) -> str:
             )
         except Exception as e:  # another worker created it first: that is success
             if "RESOURCE_ALREADY_EXISTS" in str(e) or "already exists" in str(e).lower():
-                return client.get_experiment_by_name(experiment).experiment_id
+                return mlflow.MlflowClient().get_experiment_by_name(experiment).experiment_id
             raise
 
-    return _retry(get_or_create, f"experiment {experiment}")
+    with _store_lock(uri):
+        return _retry(get_or_create, f"experiment {experiment}")
 
 
-def run_exists(run_id: str) -> bool:
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise store/experiment creation between processes (parallel `dvc queue` workers):
+    two MLflow clients creating a new sqlite store's tables at once corrupt the schema."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///")).parent / ".vaepipe-store.lock"
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_exists(experiment: str, run_id: str) -> bool:
     """Is `run_id` a run of the current store (a resumed checkpoint may outlive its store)?"""
     import mlflow
 
-    setup_uri()
+    setup(experiment)
     try:
         mlflow.MlflowClient().get_run(run_id)
     except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST) or a store that is gone
