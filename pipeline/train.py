@@ -17,7 +17,7 @@ from vaepipe import checkpoint, config, data, tracking
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import write_json
 from vaepipe.model import VAE, VAEConfig
-from vaepipe.train import fit, resolve_device, set_threads
+from vaepipe.train import TrainingDiverged, fit, resolve_device, set_threads
 
 PREPARED = Path("data/prepared")
 MODEL = Path("models/vae.pt")
@@ -93,22 +93,36 @@ def main() -> None:
         def on_epoch_end(stats):
             tracking.log_epoch(stats.metrics(), step=stats.epoch)
 
+        saved = {"epoch": state["epoch"] if state else None}
+
         def on_checkpoint(loop_state):
+            saved["epoch"] = loop_state["epoch"]
             checkpoint.save_state(
                 CHECKPOINT, {**loop_state, "fingerprint": fp, "run_id": run.info.run_id}
             )
 
         t0 = time.perf_counter()
-        history = fit(
-            vae,
-            x_train,
-            x_val,
-            params.train,
-            params.data.binarize,
-            on_epoch_end,
-            on_checkpoint,
-            resume=state,
-        )
+        try:
+            history = fit(
+                vae,
+                x_train,
+                x_val,
+                params.train,
+                params.data.binarize,
+                on_epoch_end,
+                on_checkpoint,
+                resume=state,
+            )
+        except TrainingDiverged as e:
+            kept = (
+                f"the last good checkpoint stays in {CHECKPOINT}"
+                if CHECKPOINT.is_file()
+                else "no epoch finished, so there is no checkpoint"
+            )
+            raise TrainingDiverged(
+                f"{e}; MLflow run {run.info.run_id} is marked FAILED and {kept}; "
+                "a lower train.lr usually helps"
+            ) from None
         seconds = time.perf_counter() - t0
         last = history[-1]
         checkpoint.save(MODEL, vae, {"params": config.to_dict(params), "run_id": run.info.run_id})
