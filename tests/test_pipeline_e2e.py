@@ -1,17 +1,11 @@
 """End to end: `dvc repro` in a temp git repo on tiny data with a real sqlite MLflow store."""
 
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from _project import make_project, set_params, sh
 
-ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 PER_EPOCH = [
     "train/loss",
@@ -28,47 +22,9 @@ PER_EPOCH = [
 pytestmark = pytest.mark.slow
 
 
-def sh(cwd, *args, check=True):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def set_params(repo: Path, **overrides):
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("project")
-    for name in ("pipeline", "src"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    set_params(
-        repo,
-        **{
-            "data.dataset": "digits",
-            "model.hidden": [32],
-            "model.latent_dim": 4,
-            "train.epochs": EPOCHS,
-            "train.batch_size": 64,
-            "evaluate.iwae_k": 8,
-        },
-    )
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "init")
+    repo = make_project(tmp_path_factory.mktemp("project"), **{"train.epochs": EPOCHS})
     first = sh(repo, "dvc", "repro")
     return repo, first
 

@@ -221,6 +221,11 @@ def run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as e:
+        # Why it failed, readable in `mlflow ui` beside the FAILED status.
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        raise
     finally:
         _retry(lambda: mlflow.end_run(status=status), "end run")
 

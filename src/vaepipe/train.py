@@ -115,6 +115,8 @@ def _check_finite(vae: VAE, loss: torch.Tensor, epoch: int, batch: int) -> None:
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, batch {batch}")
     grads = [p.grad for p in vae.parameters() if p.grad is not None]
+    # One cheap reduction per step; only when it is not finite do we look element by element
+    # (huge but finite gradients can overflow the norm alone: those are not a NaN/Inf).
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if not torch.isfinite(norm):
         bad = [
@@ -122,6 +124,8 @@ def _check_finite(vae: VAE, loss: torch.Tensor, epoch: int, batch: int) -> None:
             for n, p in vae.named_parameters()
             if p.grad is not None and not torch.isfinite(p.grad).all()
         ]
+        if not bad:
+            return
         raise TrainingDiverged(
             f"gradient of {', '.join(bad)} is NaN/Inf at epoch {epoch}, batch {batch}"
         )

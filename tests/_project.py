@@ -1,0 +1,59 @@
+"""Helpers for tests that run the real pipeline: a temp git repo holding a copy of the project."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "data.dataset": "digits",
+    "model.hidden": [32],
+    "model.latent_dim": 4,
+    "train.epochs": 3,
+    "train.batch_size": 64,
+    "evaluate.iwae_k": 8,
+}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(extra)
+    return env
+
+
+def sh(cwd, *args, check=True, env=None, timeout=600):
+    proc = subprocess.run(
+        args, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, **overrides):
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params))
+
+
+def make_project(repo: Path, **overrides) -> Path:
+    """Copy the pipeline into `repo`, set tiny params, and commit it as a fresh git repo."""
+    for name in ("pipeline", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    set_params(repo, **{**TINY, **overrides})
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "init")
+    return repo
