@@ -1,88 +1,287 @@
-"""Stage evaluate: test likelihood (IWAE), ELBO terms, reconstruction error, and picture grids.
+"""Stage evaluate: is the model good? Likelihood, reconstruction, posterior collapse, latent
+quality, and the pictures.
 
-Writes metrics/evaluate.json and plots/evaluate/*.png, and adds both to the training run.
+Writes metrics/evaluate.json (every figure; `skipped` says why a metric is absent) and
+plots/evaluate/ (PNGs, and kl_per_dim.json for `dvc plots show`), adds both to the training run
+in MLflow, and prints a short summary.
 """
 
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaepipe import checkpoint, config, data, metrics, plots, tracking
+from vaepipe import checkpoint, config, data, latent, metrics, plots, tracking
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import read_json, write_json
+from vaepipe.model import VAE
 from vaepipe.train import binarize, resolve_device, set_threads
 
 OUT = Path("metrics/evaluate.json")
 PLOTS = Path("plots/evaluate")
+CURVES = Path("plots/train/curves.json")
+PREPARED = Path("data/prepared")
+TRAVERSAL_VALUES = torch.linspace(-3, 3, 7)  # values of the swept z_d, in prior std units
+INTERPOLATION_STEPS = 10
+INTERPOLATION_PAIRS = 6
+SCATTER_POINTS = 5000  # more points only overplot
 
 
-@exit_on_user_error
-def main() -> None:
-    params = config.load("params.yaml")
-    ev = params.evaluate
-    device = resolve_device(params.train.device)
-    set_threads(params.train.threads)
-    vae, _ = checkpoint.load("models/vae.pt", device)
-    test = data.load_split("data/prepared/test.npz")
-    x_grey = torch.from_numpy(data.to_unit(test.x)).to(device)
-    if tuple(x_grey.shape[1:]) != tuple(vae.cfg.image_shape):
+@dataclass
+class Inputs:
+    x: torch.Tensor  # [N, C, H, W] what the likelihood is measured on (binarized if Bernoulli)
+    grey: torch.Tensor  # [N, C, H, W] intensities in [0, 1], what a deployment encodes
+    y: np.ndarray | None  # [N] labels, or None
+
+
+def load_test(vae: VAE, device: torch.device, seed: int) -> Inputs:
+    test = data.load_split(PREPARED / "test.npz")
+    grey = torch.from_numpy(data.to_unit(test.x)).to(device)
+    if tuple(grey.shape[1:]) != tuple(vae.cfg.image_shape):
         raise data.DataError(
-            f"test images {tuple(x_grey.shape[1:])} do not match the model's "
+            f"test images {tuple(grey.shape[1:])} do not match the model's "
             f"{tuple(vae.cfg.image_shape)}; rerun the pipeline"
         )
     # The likelihood is measured on the data the model was trained to explain: one fixed
     # Bernoulli draw of the test set for a Bernoulli model (the benchmark standard).
-    x = x_grey
+    x = grey
     if vae.cfg.likelihood == "bernoulli":
-        x = binarize(x_grey, torch.Generator(device=device).manual_seed(ev.seed))
+        x = binarize(grey, torch.Generator(device=device).manual_seed(seed))
+    return Inputs(x, grey, test.y)
 
-    elbo, _ = metrics.evaluate_elbo(vae, x, batch_size=ev.batch_size, seed=ev.seed)
-    log_px = metrics.iwae_log_likelihood(vae, x, ev.iwae_k, seed=ev.seed)
+
+def train_latents(
+    vae: VAE, device: torch.device, ev: config.EvaluateConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """mu of a seeded subsample of the training images (grey), with their labels."""
+    train = data.load_split(PREPARED / "train.npz")
+    idx = latent.subsample(len(train.x), ev.probe_train_size, ev.seed)
+    grey = torch.from_numpy(data.to_unit(train.x[idx])).to(device)
+    mu, _ = metrics.encode_all(vae, grey, ev.batch_size)
+    return mu.cpu().numpy(), None if train.y is None else train.y[idx]
+
+
+def likelihood(vae: VAE, inp: Inputs, ev: config.EvaluateConfig) -> tuple[dict, torch.Tensor]:
+    """IWAE NLL with its standard error, bits/dim and the ELBO terms; and the test KL per dim."""
+    elbo, kl_d = metrics.evaluate_elbo(vae, inp.x, batch_size=ev.batch_size, seed=ev.seed)
+    log_px = metrics.iwae_log_likelihood(vae, inp.x, ev.iwae_k, seed=ev.seed)
     nll, nll_se = metrics.mean_and_stderr(-log_px)
-    mse = metrics.reconstruction_errors(vae, x_grey).mean().item()
-    n_dims = math.prod(vae.cfg.image_shape)
-    results = {
+    return {
         "test/nll_iwae": nll,
         "test/nll_iwae_stderr": nll_se,
-        "test/bits_per_dim": nll / (n_dims * math.log(2)),
+        "test/bits_per_dim": nll / (math.prod(vae.cfg.image_shape) * math.log(2)),
         "test/elbo": elbo["elbo"],
         "test/recon": elbo["recon"],
         "test/kl": elbo["kl"],
+    }, kl_d
+
+
+def collapse(mu: torch.Tensor, logvar: torch.Tensor, ev: config.EvaluateConfig) -> dict:
+    """Active units, I(x; z) and KL(q(z) || p(z)) from the test posteriors."""
+    n_active, _ = metrics.active_units(mu, ev.active_threshold)
+    info = metrics.posterior_information(mu, logvar, seed=ev.seed)
+    return {
+        "test/active_units": n_active,
+        "test/mutual_info": info["mutual_info"],
+        "test/aggregate_kl": info["aggregate_kl"],
+    }
+
+
+def reconstruction(
+    vae: VAE, inp: Inputs, ev: config.EvaluateConfig
+) -> tuple[dict, metrics.Reconstruction]:
+    rec = metrics.reconstruct(vae, inp.x, inp.grey, ev.batch_size)
+    mse = rec.mse.mean().item()
+    return {
+        "test/recon_nll_mu": rec.recon_nll.mean().item(),
         "test/mse": mse,
         "test/psnr": metrics.psnr(mse),
-        "iwae_k": ev.iwae_k,
-        "n_test": len(x),
-    }
+        "test/psnr_per_image": rec.psnr.mean().item(),
+    }, rec
 
-    n = min(ev.n_images, len(x_grey))
-    with torch.no_grad():
-        inputs = x_grey[:n]
-        recon = vae.mean(vae.decode(vae.encode(inputs)[0]))
-        gen = torch.Generator(device=device).manual_seed(ev.seed)
-        z = torch.randn((n, vae.cfg.latent_dim), generator=gen, device=device)
-        samples = vae.mean(vae.decode(z))
-    grids = {
-        "reconstructions.png": plots.interleave_rows(inputs.cpu().numpy(), recon.cpu().numpy()),
-        "samples.png": samples.cpu().numpy(),
-    }
-    for name, images in grids.items():
-        plots.save_png(PLOTS / name, plots.image_grid(np.asarray(images)))
-    write_json(OUT, results)
 
+def image_pictures(vae: VAE, inp: Inputs, rec: metrics.Reconstruction, n: int, seed: int) -> None:
+    """Reconstructions beside inputs, the worst-reconstructed images, and prior samples."""
+
+    def beside_reconstructions(idx: torch.Tensor) -> np.ndarray:
+        grey = inp.grey[idx]
+        recon = latent.decode_mean(vae, metrics.encode_all(vae, grey)[0])
+        return plots.interleave_rows(grey.cpu().numpy(), recon)
+
+    plots.save_grid(
+        PLOTS / "reconstructions.png",
+        beside_reconstructions(torch.arange(n)),
+        f"First {n} test images (odd rows) and reconstructions E[x | z = mu(x)] (even rows)",
+    )
+    worst = torch.argsort(rec.mse, descending=True)[:n]
+    plots.save_grid(
+        PLOTS / "worst_reconstructions.png",
+        beside_reconstructions(worst),
+        f"The {n} worst-reconstructed test images by per-image MSE "
+        f"({rec.mse[worst].min():.4f} to {rec.mse[worst].max():.4f}); odd rows input, "
+        "even rows reconstruction",
+    )
+    gen = torch.Generator(device=inp.x.device).manual_seed(seed)
+    z = torch.randn((n, vae.cfg.latent_dim), generator=gen, device=inp.x.device)
+    plots.save_grid(
+        PLOTS / "samples.png",
+        latent.decode_mean(vae, z),
+        f"{n} samples from the prior: E[x | z], z ~ N(0, I)",
+    )
+
+
+def latent_pictures(
+    vae: VAE,
+    inp: Inputs,
+    mu_grey: torch.Tensor,
+    kl_d: torch.Tensor,
+    act: torch.Tensor,
+    ev: config.EvaluateConfig,
+    class_names: list[str] | None,
+) -> None:
+    """2-D view coloured by label, traversals of the most active dims, interpolations."""
+    mu_np = mu_grey.cpu().numpy()
+    xy, axes = latent.project_2d(mu_np)
+    shown = latent.subsample(len(xy), SCATTER_POINTS, ev.seed)
+    plots.latent_scatter(
+        PLOTS / "latent_2d.png",
+        xy[shown],
+        None if inp.y is None else inp.y[shown],
+        f"Test latents mu(x) in 2-D ({'PCA, ' if mu_np.shape[1] > 2 else ''}{len(shown)} "
+        + ("images), coloured by label" if inp.y is not None else "images; no labels)"),
+        axes,
+        class_names,
+    )
+    # Only active dims: an inactive one decodes to the same image all along its row. With none
+    # active, the least dead ones still show that nothing changes.
+    n_active = int((act > ev.active_threshold).sum())
+    dims = torch.argsort(act, descending=True)[: min(ev.traversal_dims, n_active or 1)].tolist()
+    values = TRAVERSAL_VALUES.to(mu_grey)
+    z = latent.traversal_codes(mu_grey[0], dims, values)  # [n_dims * n_values, D]
+    which = f"{len(dims)} most active" if n_active else "most active (none is active)"
+    plots.save_grid(
+        PLOTS / "traversals.png",
+        latent.decode_mean(vae, z),
+        f"Traversals of the {which} dims around mu(test image 0): one row per dim z_d, "
+        "set to the value below",
+        ncols=len(values),
+        row_labels=[f"z_{d} (KL {kl_d[d]:.2f})" for d in dims],
+        col_labels=[f"{v:+g}" for v in values.tolist()],
+    )
+    pairs = latent.pick_pairs(inp.y, len(inp.grey), INTERPOLATION_PAIRS, ev.seed)
+    plots.save_grid(
+        PLOTS / "interpolation.png",
+        latent.interpolation_images(vae, inp.grey, pairs, INTERPOLATION_STEPS),
+        "Decoded interpolation from mu(a) to mu(b) between two test images per row "
+        "(outer columns: the images a and b)",
+        ncols=INTERPOLATION_STEPS + 2,
+    )
+
+
+def chart_pictures(kl_d: torch.Tensor, act: torch.Tensor, threshold: float) -> dict:
+    """Training curves and per-dim KL / activity charts (+ their data for DVC); returns what
+    was skipped and why."""
+    kl_np, act_np = kl_d.cpu().numpy(), act.cpu().numpy()
+    plots.kl_per_dim_bars(PLOTS / "kl_per_dim.png", kl_np, act_np, threshold)
+    rows = [
+        {"dim": d, "kl": float(k), "activity": float(a), "active": bool(a > threshold)}
+        for d, (k, a) in enumerate(zip(kl_np, act_np, strict=True))
+    ]
+    write_json(PLOTS / "kl_per_dim.json", rows)
+    if not CURVES.is_file():
+        return {"plots/training_curves.png": f"{CURVES} is missing (run the train stage)"}
+    plots.training_curves(PLOTS / "training_curves.png", read_json(CURVES))
+    return {}
+
+
+def log_to_mlflow(experiment: str, results: dict, skipped: dict) -> str:
+    """Metrics, skip reasons (as tags) and plots/evaluate/ into the training run; its id."""
     run_id = read_json("metrics/train.json")["run_id"]
-    with tracking.run(params.mlflow.experiment, run_id=run_id):
+    with tracking.run(experiment, run_id=run_id):
         import mlflow
 
         mlflow.log_metrics({k: v for k, v in results.items() if k.startswith("test/")})
+        if skipped:
+            mlflow.set_tags({f"evaluate.skipped.{k}": v for k, v in skipped.items()})
         mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
-    print(
-        f"evaluate: test NLL (IWAE, k={ev.iwae_k}) {nll:.2f} ± {nll_se:.2f} nats "
-        f"({results['test/bits_per_dim']:.4f} bits/dim); ELBO {elbo['elbo']:.2f} "
-        f"(recon {elbo['recon']:.2f}, KL {elbo['kl']:.2f}); MSE {mse:.5f}, "
-        f"PSNR {results['test/psnr']:.2f} dB"
+    return run_id
+
+
+def summary(r: dict, skipped: dict, n_dims: int, seconds: float, run_id: str) -> str:
+    """The figures a reviewer reads first, one line per question."""
+
+    def get(key: str, fmt: str) -> str:
+        return format(r[key], fmt) if key in r else "skipped"
+
+    lines = [
+        f"evaluate: {r['n_test']} test images in {seconds:.0f} s",
+        f"  likelihood      NLL (IWAE, k={r['iwae_k']}) {r['test/nll_iwae']:.2f} "
+        f"± {r['test/nll_iwae_stderr']:.2f} nats = {r['test/bits_per_dim']:.4f} bits/dim; "
+        f"ELBO {r['test/elbo']:.2f} = -(recon {r['test/recon']:.2f} + KL {r['test/kl']:.2f})",
+        f"  reconstruction  MSE {r['test/mse']:.5f}, PSNR {r['test/psnr']:.2f} dB "
+        f"(per-image mean {r['test/psnr_per_image']:.2f} dB), "
+        f"NLL at z = mu {r['test/recon_nll_mu']:.2f} nats",
+        f"  latent use      {r['test/active_units']}/{n_dims} active units; "
+        f"I(x; z) {r['test/mutual_info']:.2f} nats (at most log N = {r['mutual_info_max']:.2f}); "
+        f"KL(q(z) || p(z)) {r['test/aggregate_kl']:.2f} nats",
+        f"  latent quality  probe {get('test/probe_accuracy', '.3f')}, "
+        f"kNN {get('test/knn_accuracy', '.3f')}, KMeans NMI {get('test/kmeans_nmi', '.3f')} "
+        f"ARI {get('test/kmeans_ari', '.3f')}, silhouette {get('test/silhouette', '.3f')}",
+    ]
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    lines += [f"  skipped         {', '.join(names)}: {why}" for why, names in by_reason.items()]
+    lines.append(f"  written         {OUT}, {PLOTS}/; MLflow run {run_id}")
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main() -> None:
+    t0 = time.perf_counter()
+    params = config.load("params.yaml")
+    ev = params.evaluate
+    device = resolve_device(params.train.device)
+    set_threads(params.train.threads)
+    vae, payload = checkpoint.load("models/vae.pt", device)
+    dataset = payload.get("params", {}).get("data", {}).get("dataset")
+    inp = load_test(vae, device, ev.seed)
+
+    results, kl_d = likelihood(vae, inp, ev)
+    # Collapse diagnostics on the data the likelihood is measured on; latent quality and the
+    # pictures on grey images, as a deployment would encode them.
+    mu, logvar = metrics.encode_all(vae, inp.x, ev.batch_size)
+    results.update(collapse(mu, logvar, ev))
+    recon_results, rec = reconstruction(vae, inp, ev)
+    results.update(recon_results)
+    mu_grey, _ = metrics.encode_all(vae, inp.grey, ev.batch_size)
+    mu_train, y_train = train_latents(vae, device, ev)
+    quality = latent.latent_quality(
+        mu_train, y_train, mu_grey.cpu().numpy(), inp.y, ev.knn_k, ev.seed
     )
+    results.update({f"test/{k}": v for k, v in quality.scores.items()})
+    skipped = {f"test/{k}": why for k, why in quality.skipped.items()}
+
+    act = metrics.activity(mu)
+    image_pictures(vae, inp, rec, min(ev.n_images, len(inp.x)), ev.seed)
+    latent_pictures(vae, inp, mu_grey, kl_d, act, ev, plots.CLASS_NAMES.get(dataset))
+    skipped.update(chart_pictures(kl_d, act, ev.active_threshold))
+
+    seconds = time.perf_counter() - t0
+    results.update(
+        iwae_k=ev.iwae_k,
+        n_test=len(inp.x),
+        n_probe_train=len(mu_train),
+        mutual_info_max=math.log(len(inp.x)),
+        evaluate_seconds=round(seconds, 2),
+        skipped=skipped,
+    )
+    write_json(OUT, results)
+    run_id = log_to_mlflow(params.mlflow.experiment, results, skipped)
+    print(summary(results, skipped, vae.cfg.latent_dim, seconds, run_id))
 
 
 if __name__ == "__main__":
