@@ -1,19 +1,93 @@
-"""Stage export: models/encoder.onnx and models/decoder.onnx, parity-checked in onnxruntime.
+"""Stage export: encoder/decoder ONNX graphs and their fp16/int8 variants, parity-checked.
 
-Writes metrics/export.json (parity max abs error at batch 1 and 257, sizes, the provider that
-ran) and logs both models to the training run with signature and input example.
+Writes models/{encoder,decoder}.onnx (fp32, the contract), models/*.fp16.onnx (for GPUs) and
+models/*.int8.onnx (for CPUs); metrics/export.json holds each file's size, its parity with
+PyTorch and the provider that ran. Logs both fp32 graphs to the training run with signature and
+input example, registered as export.encoder_model / export.decoder_model, servable with
+`mlflow models serve -m models:/vae-decoder/latest` (payloads checked by vaepipe.serving).
 """
 
 from pathlib import Path
 
 import numpy as np
 
-from vaepipe import checkpoint, config, export, runtime, tracking
+from vaepipe import checkpoint, config, export, runtime, serving, tracking
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import read_json, write_json
 
 MODELS = Path("models")
 OUT = Path("metrics/export.json")
+# precision -> (converter, provider policy for its parity check); int8 is a CPU format.
+VARIANTS = {"fp16": (export.to_fp16, None), "int8": (export.to_int8, "cpu")}
+
+
+def export_variants(vae, paths: dict[str, Path], ex) -> tuple[dict, list[str]]:
+    """Write each variant of each graph and measure it; (metrics, parity warnings).
+
+    A variant over its tolerance is a warning, not a failure: the fp32 graphs are the contract
+    and stay gated by export.parity_atol; variants are opt-in (`vaepipe --precision`).
+    """
+    results: dict = {}
+    warnings = []
+    for precision, (convert, policy) in VARIANTS.items():
+        atol = getattr(ex, f"{precision}_parity_atol")
+        for name, src in paths.items():
+            dst = convert(src, src.with_name(f"{name}.{precision}.onnx"))
+            sess = runtime.open_session(dst, policy or ex.provider)
+            errs = export.parity(vae, **{f"{name}_sess": sess})
+            key = f"{name}_{precision}"
+            results[f"size_bytes/{key}"] = dst.stat().st_size
+            results[f"provider/{key}"] = sess.provider
+            results.update({f"parity/{key}_{k.split('_')[-1]}": v for k, v in errs.items()})
+            worst = max(errs.values())
+            if worst > atol:
+                warnings.append(
+                    f"{dst} max abs error {worst:.3g} > export.{precision}_parity_atol {atol:g}"
+                )
+    return results, warnings
+
+
+def log_models(vae, paths: dict[str, Path], sessions, ex, results: dict) -> dict[str, str]:
+    """Log (and register) encoder and decoder to the active run; {name: 'model vN'}."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    cfg = vae.cfg
+    rng = np.random.default_rng(0)
+    inputs = {
+        "encoder": ({"x": rng.random((2, *cfg.image_shape), dtype=np.float32)}, [0.0, 1.0]),
+        "decoder": ({"z": rng.standard_normal((2, cfg.latent_dim), dtype=np.float32)}, None),
+    }
+    registered = {"encoder": ex.encoder_model, "decoder": ex.decoder_model}
+    client = mlflow.MlflowClient()
+    versions = {}
+    for name, (feeds, value_range) in inputs.items():
+        sess = sessions[name]
+        outputs = dict(zip(sess.output_names, sess.run(feeds), strict=True))
+        info = serving.log_model(
+            paths[name],
+            name,
+            registered_model_name=registered[name],
+            signature=infer_signature(feeds, outputs),
+            input_example=feeds,
+            # what really ran here: listing CUDA on a CPU machine makes onnxruntime print
+            # pages of errors at every load
+            onnx_execution_providers=list(dict.fromkeys([sess.provider, runtime.CPU])),
+            serve_config={"max_batch": ex.serve_max_batch, "value_range": value_range},
+        )
+        if registered[name]:
+            version = info.registered_model_version
+            tags = {
+                "onnx_provider": sess.provider,
+                "parity_max_abs_err": results["parity_max_abs_err"],
+                "precision": "fp32",
+            }
+            for k, v in tags.items():
+                client.set_model_version_tag(registered[name], version, k, str(v))
+            versions[name] = f"{registered[name]} v{version}"
+    for p in sorted(MODELS.glob("*.fp16.onnx")) + sorted(MODELS.glob("*.int8.onnx")):
+        mlflow.log_artifact(str(p), artifact_path="onnx_variants")
+    return versions
 
 
 @exit_on_user_error
@@ -36,6 +110,8 @@ def main() -> None:
         **{f"parity/{k}": v for k, v in errs.items()},
         **{f"size_bytes/{k}": p.stat().st_size for k, p in paths.items()},
     }
+    variant_results, warnings = export_variants(vae, paths, ex)
+    results.update(variant_results)
     write_json(OUT, results)
     if worst > ex.parity_atol:
         raise export.ExportError(
@@ -44,33 +120,18 @@ def main() -> None:
         )
     with tracking.run(params.mlflow.experiment, run_id=run_id):
         import mlflow
-        import onnx
-        from mlflow.models import infer_signature
 
         mlflow.set_tag("onnx_provider", provider)
-        mlflow.log_metrics({"export/parity_max_abs_err": worst})
-        cfg = vae.cfg
-        x_ex = np.random.default_rng(0).random((2, *cfg.image_shape), dtype=np.float32)
-        z_ex = np.random.default_rng(0).standard_normal((2, cfg.latent_dim), dtype=np.float32)
-        examples = {
-            "encoder": ({"x": x_ex}, sessions["encoder"]),
-            "decoder": ({"z": z_ex}, sessions["decoder"]),
-        }
-        for name, (feeds, sess) in examples.items():
-            outputs = dict(
-                zip([o.name for o in sess.session.get_outputs()], sess.run(feeds), strict=True)
-            )
-            mlflow.onnx.log_model(
-                onnx.load(str(paths[name])),
-                name=name,
-                signature=infer_signature(feeds, outputs),
-                input_example=feeds,
-                onnx_execution_providers=list(dict.fromkeys([provider, runtime.CPU])),
-            )
+        mlflow.log_metrics({f"export/{k}": v for k, v in results.items() if "parity" in k})
+        versions = log_models(vae, paths, sessions, ex, results)
     print(
-        f"export: {', '.join(str(p) for p in paths.values())} (opset {ex.opset}); onnxruntime "
-        f"ran on {provider}; parity max abs error {worst:.2e}"
+        f"export: {', '.join(str(p) for p in paths.values())} (opset {ex.opset}) and their "
+        f"fp16/int8 variants; onnxruntime ran on {provider}; parity max abs error {worst:.2e}"
     )
+    if versions:
+        print(f"export: registered {', '.join(versions.values())} in MLflow")
+    for w in warnings:
+        print(f"export: warning: {w}; use this variant knowingly")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class ExportConfig:
     opset: int = field(default=18, metadata=_range(7))
     parity_atol: float = field(default=1e-4, metadata=_range(0, lo_open=True))
     fp16_parity_atol: float = field(default=1e-2, metadata=_range(0, lo_open=True))
-    int8_parity_atol: float = field(default=5e-2, metadata=_range(0, lo_open=True))
+    int8_parity_atol: float = field(default=0.1, metadata=_range(0, lo_open=True))
     provider: str = field(default="auto", metadata=_choice(*PROVIDERS))
     encoder_model: str = "vae-encoder"
     decoder_model: str = "vae-decoder"

@@ -8,6 +8,7 @@ Batch axis dynamic; no random op inside; opset pinned; metadata_props describe t
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def export_models(
         "image_shape": ",".join(map(str, cfg.image_shape)),
         "likelihood": cfg.likelihood,
         "opset": opset,
+        "precision": "fp32",
         **metadata,
     }
     paths = {"encoder": out_dir / "encoder.onnx", "decoder": out_dir / "decoder.onnx"}
@@ -123,19 +125,103 @@ def export_models(
 
 
 @torch.no_grad()
-def parity(vae: VAE, encoder_sess, decoder_sess, seed: int = 0) -> dict[str, float]:
-    """Max abs difference between onnxruntime and PyTorch outputs at batch 1 and 257."""
+def parity(vae: VAE, encoder_sess=None, decoder_sess=None, seed: int = 0) -> dict[str, float]:
+    """Max abs difference between onnxruntime and PyTorch outputs at batch 1 and 257.
+
+    Either session may be None (e.g. a decoder variant alone); the inputs drawn are the same.
+    """
     vae = vae.cpu().eval()
     gen = torch.Generator().manual_seed(seed)
     errs: dict[str, float] = {}
     for b in PARITY_BATCHES:
         x = torch.rand((b, *vae.cfg.image_shape), generator=gen)
-        mu, logvar = vae.encode(x)
-        o_mu, o_logvar = encoder_sess.run({"x": x.numpy()})
-        errs[f"encoder_b{b}"] = float(
-            max(np.abs(o_mu - mu.numpy()).max(), np.abs(o_logvar - logvar.numpy()).max())
-        )
         z = torch.randn((b, vae.cfg.latent_dim), generator=gen)
-        (o_x,) = decoder_sess.run({"z": z.numpy()})
-        errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z)).numpy()).max())
+        if encoder_sess is not None:
+            mu, logvar = vae.encode(x)
+            o_mu, o_logvar = encoder_sess.run({"x": x.numpy()})
+            errs[f"encoder_b{b}"] = float(
+                max(np.abs(o_mu - mu.numpy()).max(), np.abs(o_logvar - logvar.numpy()).max())
+            )
+        if decoder_sess is not None:
+            (o_x,) = decoder_sess.run({"z": z.numpy()})
+            errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z)).numpy()).max())
     return errs
+
+
+def _with_metadata(model, **extra: str):
+    for k, v in extra.items():
+        for prop in model.metadata_props:
+            if prop.key == k:
+                prop.value = str(v)
+                break
+        else:
+            model.metadata_props.add(key=k, value=str(v))
+    return model
+
+
+def _topological_sort(graph) -> None:
+    """Reorder graph.node so each node comes after the producers of its inputs."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [n for n in pending if all(i in ready for i in n.input)]
+        if not runnable:
+            raise ExportError(f"graph {graph.name!r} has a cycle or an input nobody produces")
+        for n in runnable:
+            ordered.append(n)
+            ready.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in runnable)]
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered, strict=True):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    """`src` with float16 weights and arithmetic; inputs/outputs stay float32 (same contract).
+
+    Made for the CUDA provider; onnxruntime's CPU provider computes most fp16 ops by casting
+    back to float32, so on CPU it is no faster (benchmarks/inference.py measures both).
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _topological_sort(model.graph)  # the converter appends its input Casts at the end
+    _with_metadata(model, precision="fp16")
+    onnx.checker.check_model(model)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp))
+    return dst
+
+
+def to_int8(src: Path, dst: Path) -> Path:
+    """`src` with dynamic int8 quantization (int8 weights, activations quantized per batch).
+
+    For the CPU provider: MatMulInteger runs on int8 SIMD; the CUDA provider lacks most of it.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    # The exporter's value_info (shapes of the Gemm weights) contradicts the quantizer's own
+    # shape inference once it rewrites Gemm as MatMul; it re-infers them anyway.
+    del model.graph.value_info[:]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        plain, quant = Path(tmpdir) / "plain.onnx", Path(tmpdir) / "int8.onnx"
+        onnx.save_model(model, str(plain))
+        logging.disable(logging.WARNING)  # "consider pre-processing" advice, once per call
+        try:
+            quantize_dynamic(plain, quant, weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        model = onnx.load(str(quant))
+    del model.metadata_props[:]
+    for prop in onnx.load(str(src), load_external_data=False).metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    _with_metadata(model, precision="int8")
+    onnx.checker.check_model(model)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp))
+    return dst

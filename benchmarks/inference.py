@@ -1,0 +1,244 @@
+"""Inference speed of encoder and decoder: torch eager against onnxruntime, in one run.
+
+    python benchmarks/inference.py                          # default-size model (784-512-256-32)
+    python benchmarks/inference.py --checkpoint models/vae.pt --seconds 2 --threads 1
+
+Latency p50/p99 per call and throughput (rows/s) at batch 1, 64 and 4096 for torch eager
+(inference_mode) and onnxruntime's CPU provider (fp32, int8, fp16 graphs from the export
+stage's converters); with a GPU also torch CUDA (fp32, fp16) and onnxruntime CUDA (fp32,
+fp16) with IO binding, inputs and outputs resident on the device on both sides. Each row's
+"speed-up" is torch eager's p50 on the same device divided by its p50; "max |err|" is its
+largest difference from torch fp32 on CPU. Prints a Markdown table; --json saves the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from vaepipe import checkpoint, export, runtime
+from vaepipe.model import VAE, DecoderMean, VAEConfig
+
+
+def measure(fn, seconds: float, min_calls: int = 30) -> list[float]:
+    """Per-call wall times (s) of fn(), after a warm-up, for about `seconds`."""
+    warm_end = time.perf_counter() + min(0.2, seconds / 5)
+    for _ in range(3):
+        fn()
+    while time.perf_counter() < warm_end:
+        fn()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < min_calls or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def torch_runner(module, x: np.ndarray, device: str, half: bool = False):
+    """fn() running the module on a device-resident input, and its output as numpy."""
+    module = copy.deepcopy(module).to(device)  # .half() and .to() act in place
+    xt = torch.from_numpy(x).to(device)
+    if half:
+        module, xt = module.half(), xt.half()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def fn():
+        with torch.inference_mode():
+            out = module(xt)
+        sync()
+        return out
+
+    out = fn()
+    first = out[0] if isinstance(out, tuple) else out
+    return fn, first.float().cpu().numpy()
+
+
+def ort_runner(path: Path, policy: str, x: np.ndarray):
+    """fn() for an onnxruntime session; on CUDA with IO binding (no host copies per call)."""
+    sess = runtime.open_session(path, policy)
+    name = sess.input_name
+    if sess.device == "cpu":
+        feeds = {name: x}
+        return sess, (lambda: sess.session.run(None, feeds)), sess.session.run(None, feeds)[0]
+    x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    binding = sess.session.io_binding()
+    binding.bind_ortvalue_input(name, x_dev)
+    first_out = sess.session.get_outputs()[0].name
+    out_dev = None
+    for o in sess.session.get_outputs():
+        shape = (x.shape[0], *o.shape[1:])
+        ov = ort.OrtValue.ortvalue_from_shape_and_type(shape, runtime.NP_TYPES[o.type], "cuda", 0)
+        binding.bind_ortvalue_output(o.name, ov)
+        if o.name == first_out:
+            out_dev = ov
+
+    def fn():
+        sess.session.run_with_iobinding(binding)
+
+    fn()
+    return sess, fn, out_dev.numpy()
+
+
+def graphs(vae: VAE, out_dir: Path) -> dict[str, dict[str, Path]]:
+    """{graph: {precision: path}} for fp32, fp16 and int8."""
+    paths = export.export_models(vae, out_dir, opset=18, metadata={"dataset": "benchmark"})
+    files = {g: {"fp32": p} for g, p in paths.items()}
+    for g, p in paths.items():
+        files[g]["fp16"] = export.to_fp16(p, out_dir / f"{g}.fp16.onnx")
+        files[g]["int8"] = export.to_int8(p, out_dir / f"{g}.int8.onnx")
+    return files
+
+
+def bench(vae: VAE, files, batches, seconds: float, torch_gpu: bool, ort_gpu: bool) -> list[dict]:
+    modules = {"encoder": export.EncoderGraph(vae).eval(), "decoder": DecoderMean(vae).eval()}
+    rng = np.random.default_rng(0)
+    rows = []
+    for graph, module in modules.items():
+        for batch in batches:
+            if graph == "encoder":
+                x = rng.random((batch, *vae.cfg.image_shape), dtype=np.float32)
+            else:
+                x = rng.standard_normal((batch, vae.cfg.latent_dim), dtype=np.float32)
+            fn, ref = torch_runner(module, x, "cpu")
+            cases = [("torch eager", "cpu", fn, ref)]
+            for precision in ("fp32", "int8", "fp16"):
+                _, fn, out = ort_runner(files[graph][precision], "cpu", x)
+                cases.append((f"onnxruntime {precision}", "cpu", fn, out))
+            if torch_gpu:
+                for half, label in ((False, "torch eager"), (True, "torch eager fp16")):
+                    fn, out = torch_runner(module, x, "cuda", half)
+                    cases.append((label, "cuda", fn, out))
+            if ort_gpu:
+                for precision in ("fp32", "fp16"):
+                    sess, fn, out = ort_runner(files[graph][precision], "cuda", x)
+                    assert sess.provider == runtime.CUDA, sess.reason
+                    cases.append((f"onnxruntime {precision}", "cuda", fn, out))
+            base = {}
+            for label, device, fn, out in cases:
+                times = measure(fn, seconds)
+                p50 = statistics.median(times)
+                if label == "torch eager":  # the baseline, first on each device
+                    base[device] = p50
+                row = {
+                    "graph": graph,
+                    "batch": batch,
+                    "backend": label,
+                    "device": device,
+                    "p50_ms": p50 * 1e3,
+                    "p99_ms": float(np.percentile(times, 99)) * 1e3,
+                    "rows_per_s": batch / statistics.fmean(times),
+                    "speedup": base[device] / p50 if device in base else float("nan"),
+                    "max_abs_err": float(np.abs(out.astype(np.float32) - ref).max()),
+                    "calls": len(times),
+                }
+                rows.append(row)
+                print(
+                    f"  {graph} b{batch} {label} {device}: p50 {row['p50_ms']:.4f} ms",
+                    flush=True,
+                )
+    return rows
+
+
+def gpu_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown NVIDIA GPU"
+
+
+def machine(gpu: bool) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = (
+        f"CPU: {cpu}, {cores} cores usable; torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), onnxruntime {ort.__version__} (intra-op threads: "
+        f"{os.environ.get('VAEPIPE_ORT_THREADS') or 'one per core'})"
+    )
+    if gpu:
+        text += f"\nGPU: {gpu_name()}"
+    return text
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| graph | batch | backend | device | p50 ms | p99 ms | rows/s | speed-up vs torch "
+        "eager | max abs err |\n|---|---:|---|---|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['graph']} | {r['batch']} | {r['backend']} | {r['device']} | "
+            f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['rows_per_s']:,.0f} | "
+            f"{r['speedup']:.2f}x | {r['max_abs_err']:.1e} |".replace("nanx", "-")
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="models/vae.pt (default: a fresh default-size VAE)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 4096])
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing per case (1.0)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for both torch and onnxruntime (default: all)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["VAEPIPE_ORT_THREADS"] = str(args.threads)
+
+    if args.checkpoint:
+        vae, _ = checkpoint.load(args.checkpoint)
+    else:
+        torch.manual_seed(0)
+        vae = VAE(VAEConfig()).eval()  # the size params.yaml trains: 784-512-256-32
+    torch_gpu = torch.cuda.is_available()
+    ort_gpu, reason = runtime.cuda_status()
+    gpu = torch_gpu or ort_gpu
+    with tempfile.TemporaryDirectory() as tmp:
+        files = graphs(vae, Path(tmp))
+        print(machine(gpu), flush=True)
+        rows = bench(vae, files, args.batches, args.seconds, torch_gpu, ort_gpu)
+    if not torch_gpu:
+        print(f"torch CUDA rows skipped: this torch ({torch.__version__}) sees no GPU")
+    if not ort_gpu:
+        print(f"onnxruntime CUDA rows skipped: {reason}")
+    print()
+    print(machine(gpu))
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(gpu), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

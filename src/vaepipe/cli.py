@@ -1,0 +1,301 @@
+"""`vaepipe`: sample, encode, decode, interpolate and inspect exported models with onnxruntime.
+
+No torch at inference: the commands import numpy, onnxruntime and the standard library only
+(image files: vaepipe.imagefiles), so `vaepipe generate` starts and finishes in well under a
+second on CPU. Every command prints the onnxruntime provider that actually ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vaepipe import imagefiles, runtime
+from vaepipe.errors import DataError, VaepipeError, exit_on_user_error
+
+ENCODER = "models/encoder.onnx"
+DECODER = "models/decoder.onnx"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+# --- sessions and reporting --------------------------------------------------------------------
+
+
+def _open(args) -> runtime.Session:
+    path = Path(args.model)
+    if getattr(args, "precision", "fp32") != "fp32":
+        path = path.with_name(f"{path.stem}.{args.precision}{path.suffix}")
+        if not path.is_file():
+            raise VaepipeError(
+                f"--precision {args.precision} needs {path}, which does not exist; the export "
+                "stage writes it (dvc repro export)"
+            )
+    sess = runtime.open_session(path, args.provider)
+    print(f"onnxruntime: {path} on {sess.provider} ({sess.reason})")
+    return sess
+
+
+def _check_out(out: str, suffixes: tuple[str, ...]) -> Path:
+    path = Path(out)
+    if path.suffix not in suffixes:
+        raise VaepipeError(f"--out {out}: the file name must end in {' or '.join(suffixes)}")
+    return path
+
+
+def _latent_dim(sess: runtime.Session) -> int:
+    shape = sess.input_shape()
+    if len(shape) != 2 or shape[1] is None:
+        raise VaepipeError(f"{sess.path} takes input shape {list(shape)}, not [batch, latent_dim]")
+    return shape[1]
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> str:
+    out = _check_out(args.out, (".png", ".npz"))
+    sess = _open(args)
+    rng = np.random.default_rng(args.seed)
+    z = args.temperature * rng.standard_normal((args.n, _latent_dim(sess)), dtype=np.float32)
+    x = sess.run_batched(z, args.batch_size)[sess.output_names[0]]
+    imagefiles.save_images(out, x, args.cols or int(np.ceil(np.sqrt(args.n))), {"z": z})
+    return f"{args.n} samples (seed {args.seed}) -> {out}"
+
+
+def cmd_encode(args) -> str:
+    out = _check_out(args.out, (".npz",))
+    sess = _open(args)
+    shape = sess.input_shape()[1:]
+    src = Path(args.input)
+    if src.is_dir():
+        x, names = imagefiles.read_png_folder(src, shape)
+        extra = {"names": np.array(names)}
+    else:
+        x, extra = imagefiles.images_from_npz(src, shape)
+    x = sess.check(x, value_range=(0.0, 1.0))
+    res = sess.run_batched(x, args.batch_size)
+    imagefiles.write_file(out, {**res, **extra})
+    return f"{len(x)} images from {src} -> {out} ({', '.join(res)})"
+
+
+def cmd_decode(args) -> str:
+    out = _check_out(args.out, (".png", ".npz"))
+    sess = _open(args)
+    keys = (args.key,) if args.key else ("z", "mu")
+    key, z, _ = imagefiles.load_npz(Path(args.latents), keys)
+    z = sess.check(z)
+    x = sess.run_batched(z, args.batch_size)[sess.output_names[0]]
+    imagefiles.save_images(out, x, args.cols or int(np.ceil(np.sqrt(len(z)))), {"z": z})
+    return f"{len(z)} latents ('{key}' of {args.latents}) -> {out}"
+
+
+def _path_between(a: np.ndarray, b: np.ndarray, steps: int, method: str) -> np.ndarray:
+    """[steps, D] from a to b: straight (lerp) or along the great circle (slerp)."""
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
+    if method == "slerp":
+        cos = np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
+        omega = np.arccos(np.clip(cos, -1.0, 1.0))
+        if omega > 1e-4:
+            s = np.sin(omega)
+            return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / s
+    return (1 - t) * a + t * b
+
+
+def cmd_interpolate(args) -> str:
+    out = _check_out(args.out, (".png", ".npz"))
+    sess = _open(args)
+    dim = _latent_dim(sess)
+    if args.latents:
+        _, z, _ = imagefiles.load_npz(Path(args.latents), ("z", "mu"))
+        z = sess.check(z)
+        a, b = args.index
+        for i in (a, b):
+            if not 0 <= i < len(z):
+                raise DataError(f"--index {i} is outside {args.latents}'s {len(z)} rows")
+        ends = [(z[a], z[b])]
+    else:
+        rng = np.random.default_rng(args.seed)
+        e = rng.standard_normal((args.pairs, 2, dim), dtype=np.float32)
+        ends = [(p[0], p[1]) for p in e]
+    path = np.stack([_path_between(a, b, args.steps, args.method) for a, b in ends])
+    z_all = path.reshape(-1, dim).astype(np.float32)
+    x = sess.run_batched(z_all, args.batch_size)[sess.output_names[0]]
+    imagefiles.save_images(out, x, args.steps, {"z": path.astype(np.float32)})
+    return f"{len(ends)} x {args.steps} {args.method} path(s) -> {out}"
+
+
+def cmd_info(args) -> str:
+    import onnxruntime as ort
+
+    providers = ", ".join(ort.get_available_providers())
+    print(f"onnxruntime {ort.__version__}; providers in this build: {providers}")
+    usable, reason = runtime.cuda_status()
+    print(f"CUDA provider: {'usable' if usable else 'not usable'} ({reason})")
+    models = [Path(m) for m in args.models] or [p for p in map(Path, (ENCODER, DECODER))]
+    for path in models:
+        if not args.models and not path.is_file():
+            continue
+        sess = runtime.open_session(path, args.provider)
+        print(f"\n{path}: {path.stat().st_size / 1e6:.2f} MB, opset {_opset(path)}")
+        print(f"  runs on {sess.provider} ({sess.reason})")
+        for kind, values in (
+            ("input ", sess.session.get_inputs()),
+            ("output", sess.session.get_outputs()),
+        ):
+            for v in values:
+                dims = ", ".join(str(d) for d in v.shape)
+                print(f"  {kind} {v.name}: {v.type} [{dims}]")
+        for k, v in sorted(sess.metadata().items()):
+            print(f"  {k}: {v}")
+    return ""
+
+
+def cmd_runs(args) -> str:
+    from vaepipe import compare  # MLflow is imported only by this command
+
+    runs = compare.sort_runs(compare.load_runs(args.experiment), args.sort, args.desc)
+    params = args.params or compare.DEFAULT_PARAMS
+    metrics = args.metrics or compare.DEFAULT_METRICS
+    print(compare.format_table(runs, params, metrics))
+    if args.plot:
+        ys = [m for m in metrics if m.startswith("test/")] or list(metrics)
+        compare.comparison_plot(runs, _check_out(args.plot, (".png",)), args.x, ys, args.hue)
+        return f"{len(runs)} runs of '{args.experiment}'; plot -> {args.plot}"
+    return ""
+
+
+def _opset(path: Path) -> str:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf decode errors have no common type
+        return f"unknown ({e})"
+    return ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+
+
+# --- argument parsing --------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, model: str, precision: bool = True) -> None:
+    p.add_argument("--model", default=model, help=f"ONNX graph (default: {model})")
+    p.add_argument(
+        "--provider",
+        choices=runtime.POLICIES,
+        default="auto",
+        help="auto: CUDA when it really loads, else CPU; cuda: CUDA or an error (default: auto)",
+    )
+    if precision:
+        p.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default="fp32",
+            help="use the export stage's <model>.fp16.onnx (for GPUs) or <model>.int8.onnx "
+            "(for CPUs) beside --model (default: fp32)",
+        )
+    p.add_argument(
+        "--batch-size", type=_positive, default=4096, help="rows per onnxruntime call (4096)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaepipe",
+        description="Run an exported VAE with onnxruntime: sample, encode, decode, interpolate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="sample z ~ N(0, I) and decode it")
+    _common(p, DECODER)
+    p.add_argument("--n", type=_positive, default=64, help="number of samples (64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of z (0)")
+    p.add_argument("--temperature", type=_positive_float, default=1.0, help="std of z (1.0)")
+    p.add_argument("--cols", type=_positive, help="grid columns (default: ~sqrt(n))")
+    p.add_argument("--out", required=True, help="grid.png (image grid) or samples.npz (z, x_mean)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("encode", help="images -> mu, logvar")
+    p.add_argument(
+        "input", help="images.npz (x [N,H,W] or [N,C,H,W], uint8 or [0,1]) or a PNG folder"
+    )
+    _common(p, ENCODER)
+    p.add_argument("--out", required=True, help="latents.npz (mu, logvar, and y or names)")
+    p.set_defaults(fn=cmd_encode)
+
+    p = sub.add_parser("decode", help="latents -> images")
+    p.add_argument("latents", help=".npz with z [N, latent_dim] (or mu, as encode writes)")
+    _common(p, DECODER)
+    p.add_argument("--key", help="array to decode (default: z, else mu)")
+    p.add_argument("--cols", type=_positive, help="grid columns (default: ~sqrt(N))")
+    p.add_argument("--out", required=True, help="grid.png or images.npz (z, x_mean)")
+    p.set_defaults(fn=cmd_decode)
+
+    p = sub.add_parser("interpolate", help="decode paths between latent points")
+    _common(p, DECODER)
+    p.add_argument("--steps", type=_positive, default=10, help="points per path (10)")
+    p.add_argument("--pairs", type=_positive, default=4, help="random endpoint pairs (4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random endpoints (0)")
+    p.add_argument("--latents", help=".npz (z or mu) to take the endpoints from, with --index")
+    p.add_argument("--index", type=int, nargs=2, default=(0, 1), metavar=("A", "B"))
+    p.add_argument(
+        "--method", choices=("slerp", "lerp"), default="slerp", help="path shape (slerp)"
+    )
+    p.add_argument("--out", required=True, help="interp.png (one row per path) or .npz")
+    p.set_defaults(fn=cmd_interpolate)
+
+    p = sub.add_parser("info", help="providers, and each model's inputs, opset and metadata")
+    p.add_argument(
+        "models", nargs="*", help=f"ONNX files (default: {ENCODER} and {DECODER} if present)"
+    )
+    p.add_argument("--provider", choices=runtime.POLICIES, default="auto")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("runs", help="the experiment's MLflow runs side by side, and a plot")
+    p.add_argument("--experiment", default="vaepipe", help="MLflow experiment (vaepipe)")
+    p.add_argument("--sort", help="metric or param to sort by, e.g. test/nll_iwae")
+    p.add_argument("--desc", action="store_true", help="sort in descending order")
+    p.add_argument("--params", nargs="+", help="param columns (default: the model/train keys)")
+    p.add_argument("--metrics", nargs="+", help="metric columns (default: the test metrics)")
+    p.add_argument("--plot", help="also draw the test metrics against --x into this .png")
+    p.add_argument("--x", default="model.latent_dim", help="param on the plot's x axis")
+    p.add_argument("--hue", help="param drawn as one line per value, e.g. train.beta")
+    p.set_defaults(fn=cmd_runs)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    summary = args.fn(args)
+    if summary:
+        print(f"{args.command}: {summary} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
