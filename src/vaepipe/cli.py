@@ -162,7 +162,8 @@ def cmd_runs(args) -> str:
     metrics = args.metrics or compare.DEFAULT_METRICS
     print(compare.format_table(runs, params, metrics))
     if args.plot:
-        ys = [m for m in metrics if m.startswith("test/")] or list(metrics)
+        ys = [m for m in args.metrics if m.startswith("test/")] if args.metrics else None
+        ys = ys or list(compare.PLOT_METRICS)
         compare.comparison_plot(runs, _check_out(args.plot, (".png",)), args.x, ys, args.hue)
         return f"{len(runs)} runs of '{args.experiment}'; plot -> {args.plot}"
     return ""

@@ -13,6 +13,7 @@ from pathlib import Path
 from vaepipe.errors import VaepipeError
 
 DEFAULT_PARAMS = ("model.latent_dim", "model.hidden", "train.beta", "train.epochs", "train.lr")
+PLOT_METRICS = ("test/nll_iwae", "test/active_units", "test/probe_accuracy")
 DEFAULT_METRICS = (
     "test/nll_iwae",
     "test/elbo",
@@ -115,7 +116,8 @@ def comparison_plot(
     runs: list[RunRow], out: str | Path, x: str, ys: list[str], hue: str | None = None
 ) -> Path:
     """One panel per metric in `ys` against param `x` for the finished runs, one line per value
-    of param `hue` (e.g. train.beta), saved as a PNG."""
+    of param `hue` (e.g. train.beta; by default the first other key param that varies), saved
+    as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,12 +135,21 @@ def comparison_plot(
         except ValueError:
             raise VaepipeError(f"param '{x}' = {r.params[x]!r} is not a number") from None
 
+    if hue is None:  # runs differing in another param would be joined into one line otherwise
+        hue = next(
+            (p for p in DEFAULT_PARAMS if p != x and len({r.params.get(p) for r in done}) > 1),
+            None,
+        )
     groups: dict[str, list[RunRow]] = {}
     for r in done:
         groups.setdefault(r.params.get(hue, "-") if hue else "", []).append(r)
     xs = [num(r) for r in done]
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.8 * len(ys), 3.8), squeeze=False)
-    for ax, y in zip(axes[0], ys, strict=True):
+    ncols = min(3, len(ys))
+    nrows = -(-len(ys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(ys) :]:
+        ax.set_visible(False)
+    for ax, y in zip(axes.flat, ys, strict=False):
         for label, members in sorted(groups.items()):
             pts = sorted((num(r), r.metrics[y]) for r in members if y in r.metrics)
             if pts:
