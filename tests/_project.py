@@ -9,6 +9,18 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The per-epoch MLflow metric names of DESIGN.md.
+PER_EPOCH_METRICS = (
+    "train/loss",
+    "train/recon",
+    "train/kl",
+    "train/elbo",
+    "val/recon",
+    "val/kl",
+    "val/elbo",
+    "beta",
+    "lr",
+)
 TINY = {
     "data.dataset": "digits",
     "model.hidden": [32],

@@ -4,20 +4,9 @@ import sqlite3
 
 import numpy as np
 import pytest
-from _project import make_project, set_params, sh
+from _project import PER_EPOCH_METRICS, make_project, set_params, sh
 
 EPOCHS = 3
-PER_EPOCH = [
-    "train/loss",
-    "train/recon",
-    "train/kl",
-    "train/elbo",
-    "val/recon",
-    "val/kl",
-    "val/elbo",
-    "beta",
-    "lr",
-]
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +48,7 @@ def test_mlflow_run_holds_every_per_epoch_term(repo):
             "SELECT key, COUNT(*) FROM metrics WHERE run_uuid=? GROUP BY key", (run_id,)
         ).fetchall()
     )
-    for key in PER_EPOCH:
+    for key in PER_EPOCH_METRICS:
         assert steps.get(key) == EPOCHS, key
     for key in ("test/nll_iwae", "test/elbo", "test/recon", "test/kl", "test/mse"):
         assert steps.get(key) == 1, key
