@@ -35,6 +35,13 @@ def test_params_yaml_loads_and_flattens_with_its_own_keys():
         ({"model": "big"}, "'model' must be a mapping"),
         ({"data": {"binarize": "none"}}, "needs binary pixels"),
         ({"data": {"dataset": "npz"}}, "'data.npz_path'"),
+        ({"export": {"opset": 7}}, "'export.opset' = 7 is out of range; must be >= 18 and <= 26"),
+        ({"mlflow": {"experiment": " "}}, "'mlflow.experiment' = ' ' must not be empty"),
+        ({"train": {"seed": 2**64}}, "'train.seed' = 18446744073709551616 is out of range"),
+        ({"evaluate": {"iwae_k": 10**6}}, "must be >= 1 and <= 100000"),
+        ({"train": {"lr": 10**400}}, "'train.lr' = inf must be a finite number"),
+        ({"model": {10**5000: 1}}, "unknown param 'model.<an integer of 16610 bits>'"),
+        ([1, 2], "the params file must be a mapping of keys, got [1, 2]"),
     ],
 )
 def test_bad_params_name_key_value_and_allowed(raw, message):

@@ -33,6 +33,10 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open=False, h
     return {"range": (lo, hi, lo_open, hi_open)}
 
 
+# torch and numpy seeds: 0 .. 2^32 - 1 keeps every generator (and seed + 1) in range
+SEED = _range(0, 2**32 - 1)
+
+
 @dataclass
 class DataConfig:
     dataset: str = field(default="fashion-mnist", metadata=_choice(*DATASETS))
@@ -42,7 +46,7 @@ class DataConfig:
     mirror: str = ""
     val_fraction: float = field(default=0.1, metadata=_range(0, 1, lo_open=True, hi_open=True))
     binarize: str = field(default="dynamic", metadata=_choice(*BINARIZE))
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=SEED)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
     beta: float = field(default=1.0, metadata=_range(0))
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=SEED)
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     threads: int = field(default=0, metadata=_range(0))
     resume: bool = True
@@ -68,9 +72,10 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    iwae_k: int = field(default=500, metadata=_range(1))
+    # [k, batch, pixels] samples at once; beyond 1e5 per image it no longer fits in memory
+    iwae_k: int = field(default=500, metadata=_range(1, 100_000))
     batch_size: int = field(default=100, metadata=_range(1))
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=SEED)
     n_images: int = field(default=64, metadata=_range(1))
     active_threshold: float = field(default=0.01, metadata=_range(0, lo_open=True))
     probe_train_size: int = field(default=10000, metadata=_range(0))
@@ -80,7 +85,9 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
-    opset: int = field(default=18, metadata=_range(7))
+    # torch's exporter writes opset 18 and up (lower ones silently come out as 18);
+    # onnxruntime 1.31 loads up to 26 (and newer opsets fall back to 18 in the converter)
+    opset: int = field(default=18, metadata=_range(18, 26))
     parity_atol: float = field(default=1e-4, metadata=_range(0, lo_open=True))
     fp16_parity_atol: float = field(default=1e-2, metadata=_range(0, lo_open=True))
     int8_parity_atol: float = field(default=0.1, metadata=_range(0, lo_open=True))
@@ -92,7 +99,7 @@ class ExportConfig:
 
 @dataclass
 class MlflowConfig:
-    experiment: str = "vaepipe"
+    experiment: str = field(default="vaepipe", metadata={"nonempty": True})
 
 
 @dataclass
@@ -105,6 +112,15 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """repr for a message: cut when long (a pasted array), safe for ints of any size."""
+    try:
+        text = repr(value)
+    except ValueError:  # int too large to print (sys.set_int_max_str_digits)
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _unknown(key: str, allowed: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(allowed)}"
@@ -115,30 +131,37 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     kind = type(f.default) if f.default is not dataclasses.MISSING else list
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"param '{key}' = {value!r} must be true or false")
+            raise ConfigError(f"param '{key}' = {_show(value)} must be true or false")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"param '{key}' = {value!r} must be an integer")
+            raise ConfigError(f"param '{key}' = {_show(value)} must be an integer")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"param '{key}' = {value!r} must be a number")
-        value = float(value)
+            raise ConfigError(f"param '{key}' = {_show(value)} must be a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float, e.g. 10**400
+            value = math.inf
         if not math.isfinite(value):
-            raise ConfigError(f"param '{key}' = {value!r} must be a finite number")
+            raise ConfigError(f"param '{key}' = {_show(value)} must be a finite number")
     elif kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"param '{key}' = {value!r} must be a string")
+            raise ConfigError(f"param '{key}' = {_show(value)} must be a string")
+        if f.metadata.get("nonempty") and not value.strip():
+            raise ConfigError(f"param '{key}' = {_show(value)} must not be empty")
     elif kind is list:
         item = f.metadata.get("item", int)
         if not isinstance(value, list) or not all(
             isinstance(v, item) and not isinstance(v, bool) and v >= 1 for v in value
         ):
-            raise ConfigError(f"param '{key}' = {value!r} must be a list of positive integers")
+            raise ConfigError(
+                f"param '{key}' = {_show(value)} must be a list of positive integers"
+            )
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(
-            f"param '{key}' = {value!r} is not allowed; "
+            f"param '{key}' = {_show(value)} is not allowed; "
             f"choose one of: {', '.join(meta['choices'])}"
         )
     if "range" in meta:
@@ -150,7 +173,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
             lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
             hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
             allowed = " and ".join(s for s in (lo_s, hi_s) if s)
-            raise ConfigError(f"param '{key}' = {value!r} is out of range; must be {allowed}")
+            raise ConfigError(f"param '{key}' = {_show(value)} is out of range; must be {allowed}")
     return value
 
 
@@ -158,11 +181,13 @@ def _build(cls, raw: Any, prefix: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"param '{prefix}' must be a mapping of keys, got {raw!r}")
+        where = f"param '{prefix}'" if prefix else "the params file"
+        raise ConfigError(f"{where} must be a mapping of keys, got {_show(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
+        name = key if isinstance(key, str) else _show(key)  # YAML keys may be ints, null...
+        full = f"{prefix}.{name}" if prefix else name
         if key not in fields:
             raise _unknown(full, list(fields))
         f = fields[key]
@@ -199,7 +224,7 @@ def load(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"cannot read params file {path}: {e.strerror}") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int beyond Python's digit limit
         raise ConfigError(f"params file {path} is not valid YAML: {e}") from None
     return from_dict(raw)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import urllib.error
 import urllib.request
 import zipfile
@@ -104,10 +105,13 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise DataError(f"{source} is not an IDX file of unsigned bytes (bad magic {raw[:4]!r})")
     ndim = raw[3]
-    if ndim < 1 or len(raw) < 4 + 4 * ndim:
+    # numpy arrays have at most 32 (numpy 1) or 64 (numpy 2) dimensions; images need 1 to 4
+    if ndim < 1 or ndim > 32 or len(raw) < 4 + 4 * ndim:
         raise DataError(f"{source}: IDX header is truncated or has {ndim} dimensions")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # a Python int: np.prod would overflow int64 and wrap
+    if math.prod(d for d in dims if d) >= 2**48:  # numpy refuses even a 0-size array this big
+        raise DataError(f"{source}: IDX header says shape {dims}, far too large to be images")
     data = raw[4 + 4 * ndim :]
     if len(data) != expected:
         raise DataError(
@@ -202,21 +206,29 @@ def load_idx_dataset(cfg: DataConfig) -> tuple[Split, Split]:
                 f"{d}: {split} images {x.shape} and labels {y.shape} do not match "
                 "(expected [N, H, W] and [N])"
             )
+    x_train = validate_images(arrays["x_train"], str(d / IDX_FILES["x_train"]))
+    x_test = validate_images(arrays["x_test"], str(d / IDX_FILES["x_test"]))
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{d}: test images {x_test.shape[1:]} differ from train {x_train.shape[1:]}"
+        )
     return (
-        Split(arrays["x_train"][:, None], arrays["y_train"].astype(np.int64)),
-        Split(arrays["x_test"][:, None], arrays["y_test"].astype(np.int64)),
+        Split(x_train, arrays["y_train"].astype(np.int64)),
+        Split(x_test, arrays["y_test"].astype(np.int64)),
     )
 
 
 # --- other sources ---------------------------------------------------------------------------
 
 
-def _holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def _holdout(split: Split, fraction: float, seed: int, what: str) -> tuple[Split, Split]:
     """Split off `fraction` of the examples with a seeded permutation: (rest, held out)."""
     n = len(split.x)
     n_out = int(round(n * fraction))
     if n_out < 1 or n_out >= n:
-        raise DataError(f"cannot hold out {fraction:.0%} of {n} examples: one side would be empty")
+        raise DataError(
+            f"{what}: cannot hold out {fraction:.0%} of {n} examples: one side would be empty"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     keep, out = np.sort(perm[n_out:]), np.sort(perm[:n_out])
 
@@ -232,7 +244,7 @@ def load_digits_dataset(cfg: DataConfig) -> tuple[Split, Split]:
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None]  # [1797, 1, 8, 8] in [0, 1]
     # No official test split: a fixed 20% (seed 0, independent of data.seed) plays that role.
-    return _holdout(Split(x, bunch.target.astype(np.int64)), 0.2, seed=0)
+    return _holdout(Split(x, bunch.target.astype(np.int64)), 0.2, 0, "digits test split")
 
 
 def validate_images(x: np.ndarray, source: str) -> np.ndarray:
@@ -249,13 +261,13 @@ def validate_images(x: np.ndarray, source: str) -> np.ndarray:
         raise DataError(f"{source}: images have an empty dimension, shape {x.shape}")
     if x.dtype == np.uint8:
         return x
-    if np.issubdtype(x.dtype, np.integer):
+    if x.dtype.kind in "iu":  # not issubdtype(integer): that admits timedelta64
         if x.min() < 0 or x.max() > 255:
             raise DataError(
                 f"{source}: integer pixels must lie in 0..255, found {x.min()}..{x.max()}"
             )
         return x.astype(np.uint8)
-    if np.issubdtype(x.dtype, np.floating):
+    if x.dtype.kind == "f":
         if not np.isfinite(x).all():
             raise DataError(f"{source}: images contain NaN or Inf")
         if x.min() < 0 or x.max() > 1:
@@ -270,22 +282,49 @@ def validate_images(x: np.ndarray, source: str) -> np.ndarray:
 def _labels(y: np.ndarray | None, n: int, source: str) -> np.ndarray | None:
     if y is None:
         return None
-    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+    if y.shape != (n,) or y.dtype.kind not in "iu":
         raise DataError(
             f"{source}: labels 'y' must be integers of shape ({n},), got {y.dtype} {y.shape}"
         )
     return y.astype(np.int64)
 
 
-def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
-    path = Path(cfg.npz_path)
+def read_npz(path: Path, what: str = "npz file") -> dict[str, np.ndarray]:
+    """Every array of the .npz at `path` (no pickles); DataError for anything else."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy holds one unnamed array
+            raise DataError(
+                f"{path} is a .npy file (one unnamed array), not an .npz with named arrays; "
+                "save it with np.savez(path, x=images)"
+            )
+        with f:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
-        raise DataError(f"npz file {path} (data.npz_path) does not exist") from None
-    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DataError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path} is a directory, not an .npz file") from None
+    except ValueError as e:
+        # numpy's own words ("contains pickled data... load it unsafely") invite allow_pickle
+        why = (
+            "it holds Python object arrays, which are refused (no pickles)"
+            if "Object arrays" in str(e)
+            else "not an archive of arrays as np.savez writes"
+            if "pickled" in str(e)
+            else str(e)
+        )
+        raise DataError(f"{path} is not a readable .npz file: {why}") from None
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not a readable .npz file: {e}") from None
+    not_arrays = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if not_arrays:  # a zip whose members are not .npy files
+        raise DataError(f"{path}: members {not_arrays} are not numpy arrays (.npy)")
+    return arrays
+
+
+def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
+    path = Path(cfg.npz_path)
+    arrays = read_npz(path, "npz file (data.npz_path)")
     if "x" not in arrays:
         raise DataError(f"{path} has keys {sorted(arrays)}; it needs 'x' (and optionally 'y')")
     x = validate_images(arrays["x"], f"{path}['x']")
@@ -295,7 +334,7 @@ def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
         if xt.shape[1:] != x.shape[1:]:
             raise DataError(f"{path}: x_test images {xt.shape[1:]} differ from x {x.shape[1:]}")
         return train, Split(xt, _labels(arrays.get("y_test"), len(xt), f"{path}['y_test']"))
-    return _holdout(train, 0.2, seed=0)
+    return _holdout(train, 0.2, 0, f"{path} (no 'x_test': 20% of 'x' becomes the test set)")
 
 
 def load_source(cfg: DataConfig) -> tuple[Split, Split]:
@@ -309,7 +348,9 @@ def load_source(cfg: DataConfig) -> tuple[Split, Split]:
 
 def prepare_splits(cfg: DataConfig) -> dict[str, Split]:
     train, test = load_source(cfg)
-    train, val = _holdout(train, cfg.val_fraction, cfg.seed)
+    train, val = _holdout(
+        train, cfg.val_fraction, cfg.seed, f"param 'data.val_fraction' = {cfg.val_fraction}"
+    )
     return {"train": train, "val": val, "test": test}
 
 
@@ -326,18 +367,15 @@ def save_split(path: str | Path, split: Split) -> None:
 
 def load_split(path: str | Path) -> Split:
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"prepared data {path} is missing; run the prepare stage (dvc repro)")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            x = f["x"]
-            y = f["y"] if "y" in f.files else None
-    except FileNotFoundError:
-        raise DataError(
-            f"prepared data {path} is missing; run the prepare stage (dvc repro)"
-        ) from None
-    except (KeyError, OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        raise DataError(
-            f"prepared data {path} is unreadable ({e}); rerun the prepare stage"
-        ) from None
+        arrays = read_npz(path, "prepared data")
+    except DataError as e:
+        raise DataError(f"{e}; rerun the prepare stage (dvc repro -f -s prepare)") from None
+    if "x" not in arrays:
+        raise DataError(f"prepared data {path} has no 'x'; rerun the prepare stage")
+    x, y = arrays["x"], arrays.get("y")
     return Split(validate_images(x, str(path)), _labels(y, len(x), str(path)))
 
 

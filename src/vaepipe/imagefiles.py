@@ -7,7 +7,6 @@ Pillow, which matplotlib already brings), so the CLI starts without torch or mat
 from __future__ import annotations
 
 import struct
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -73,13 +72,9 @@ def save_images(out: Path, x: np.ndarray, cols: int, arrays: dict[str, np.ndarra
 
 def load_npz(path: Path, keys: tuple[str, ...]) -> tuple[str, np.ndarray, dict]:
     """(key, array) for the first of `keys` in the .npz at `path`, and all its arrays."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path} is not a readable .npz file: {e}") from None
+    from vaepipe.data import read_npz  # no heavier imports at CLI start-up than needed
+
+    arrays = read_npz(path, "file")
     for k in keys:
         if k in arrays:
             return k, arrays[k], arrays
