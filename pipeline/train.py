@@ -8,12 +8,13 @@ models/checkpoints/last.pt; the next run with the same params continues from it 
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from vaepipe import checkpoint, config, data, tracking
+from vaepipe import checkpoint, config, data, distributed, tracking
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import write_json
 from vaepipe.model import VAE, VAEConfig
@@ -56,7 +57,12 @@ def resume_state(params: config.Params, fp: str) -> dict | None:
 @exit_on_user_error
 def main() -> None:
     params = config.load("params.yaml")
-    device = resolve_device(params.train.device)
+    # Under torchrun (WORLD_SIZE > 1): data-parallel, every rank trains, rank 0 writes.
+    with distributed.session(resolve_device(params.train.device)) as (group, device):
+        train(params, group, device)
+
+
+def train(params: config.Params, group: distributed.Group, device: torch.device) -> None:
     threads = set_threads(params.train.threads)
     x_train, x_val = load_tensor("train", device), load_tensor("val", device)
     if params.train.batch_size > len(x_train):
@@ -72,17 +78,43 @@ def main() -> None:
         gaussian_sigma=params.model.gaussian_sigma,
     )
     torch.manual_seed(params.train.seed)
-    vae = VAE(mcfg).to(device)
+    try:
+        vae = VAE(mcfg).to(device)
+    except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # no memory for a layer
+        need = re.search(r"allocate (\d+) bytes", str(e))
+        why = f"one layer needs {int(need[1]) / 1e9:,.0f} GB" if need else str(e).split("\n")[0]
+        raise config.ConfigError(
+            f"params 'model.hidden' = {mcfg.hidden} and 'model.latent_dim' = {mcfg.latent_dim} "
+            f"make a model too large for {device} ({why[:200]})"
+        ) from None
     fp = fingerprint(params, len(x_train))
-    state = resume_state(params, fp)
+    state = distributed.broadcast_object(
+        resume_state(params, fp) if group.is_main else None, group
+    )
+    if not group.is_main:  # no MLflow, checkpoints or outputs: rank 0 writes those
+        fit(
+            vae,
+            x_train,
+            x_val,
+            params.train,
+            params.data.binarize,
+            resume=state,
+            progress=False,
+            group=group,
+        )
+        return
     tags = tracking.run_tags(params.data.dataset, str(device))
+    if group.enabled:
+        tags["world_size"] = str(group.world_size)
     run_id = (
         state["run_id"]
         if state and tracking.run_exists(params.mlflow.experiment, state["run_id"])
         else None
     )
+    ranks = f", {group.world_size} processes (torchrun)" if group.enabled else ""
     print(
-        f"train: {len(x_train)} examples {tuple(x_train.shape[1:])} on {device}, {threads} threads"
+        f"train: {len(x_train)} examples {tuple(x_train.shape[1:])} on {device}, "
+        f"{threads} threads{ranks}"
     )
     with tracking.run(params.mlflow.experiment, run_id=run_id, tags=tags) as run:
         import mlflow
@@ -112,6 +144,7 @@ def main() -> None:
                 on_epoch_end,
                 on_checkpoint,
                 resume=state,
+                group=group,
             )
         except TrainingDiverged as e:
             kept = (

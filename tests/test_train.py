@@ -135,3 +135,23 @@ def test_sigterm_mid_training_is_an_interrupt_with_a_checkpoint():
         )
     timer.cancel()
     assert saved and saved[-1]["epoch"] < 200
+
+
+def test_huge_but_finite_gradients_are_not_a_divergence():
+    # The per-step check sums the gradients: a sum that overflows to Inf is then looked at
+    # element by element, and finite gradients let training go on.
+    x, xv = data()
+    vae = fresh()
+    vae.encoder.net[0].weight.register_hook(lambda g: torch.full_like(g, 3e38))
+    hist = fit(vae, x, xv, TrainConfig(epochs=1, batch_size=len(x)), "dynamic", progress=False)
+    assert len(hist) == 1 and torch.isfinite(weights(vae)).all()
+
+
+def test_opposite_infinite_gradients_are_caught():
+    # +Inf in one weight and -Inf in another: their sum is NaN, never a finite number.
+    x, xv = data()
+    vae = fresh()
+    vae.encoder.net[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    vae.decoder.net[0].weight.register_hook(lambda g: torch.full_like(g, -float("inf")))
+    with pytest.raises(TrainingDiverged, match=r"encoder.net.0.weight, decoder.net.0.weight"):
+        fit(vae, x, xv, TrainConfig(epochs=1, batch_size=50), "dynamic", progress=False)

@@ -1,0 +1,181 @@
+"""Wall time and peak memory of each DVC stage, and of a `dvc repro` that has nothing to do.
+
+Works in a temp copy of the project (a fresh git repo with its own MLflow store), so the real
+project's outputs, dvc.lock and mlruns/ are never touched. Each stage runs through
+`dvc repro --single-item <stage>` as a user would run it; a small sitecustomize hook, active only
+in that copy, records each stage process's own wall time, peak RSS (its and its children's) and,
+when it used CUDA through torch, peak GPU memory (torch's allocator). Then a no-change
+`dvc repro` is timed (best of --repeats; target < 5 s).
+
+    python benchmarks/pipeline.py                                    # params.yaml's defaults
+    python benchmarks/pipeline.py --set train.epochs=2 --set evaluate.iwae_k=100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Imported by every Python process started with this directory on PYTHONPATH: at exit it appends
+# {argv, seconds, peak RSS, peak GPU memory} to $VAEPIPE_BENCH_LOG.
+SITECUSTOMIZE = """
+import atexit, json, os, resource, sys, time
+
+_t0 = time.perf_counter()
+
+
+def _report():
+    usage = (resource.getrusage(r) for r in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    rss = max(u.ru_maxrss for u in usage)  # KiB
+    gpu = None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu = torch.cuda.max_memory_allocated()
+    with open(os.environ["VAEPIPE_BENCH_LOG"], "a") as f:
+        f.write(json.dumps({"argv": sys.argv, "seconds": time.perf_counter() - _t0,
+                            "rss_kib": rss, "gpu_bytes": gpu}) + "\\n")
+
+
+atexit.register(_report)
+"""
+
+
+def make_copy(repo: Path, overrides: dict[str, object]) -> None:
+    """The project's pipeline in `repo` as a fresh git repo, with params overridden."""
+    for name in ("pipeline", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark copy"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def parse_set(items: list[str]) -> dict[str, object]:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if "." not in key or not _:
+            raise SystemExit(f"--set {item!r}: expected section.key=value")
+        out[key] = yaml.safe_load(value)  # 2 -> int, 0.5 -> float, [32] -> list
+    return out
+
+
+def stage_names(repo: Path) -> list[str]:
+    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+
+
+def dvc(repo: Path, env: dict[str, str], *args: str) -> float:
+    """Run `dvc <args>` in repo; its wall time in seconds (fails loudly, with its output)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return seconds
+
+
+def last_stage_record(log: Path, stage: str) -> dict | None:
+    """The hook's record of the process that ran pipeline/<stage>.py."""
+    if not log.exists():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    mine = [r for r in records if any(a.endswith(f"pipeline/{stage}.py") for a in r["argv"])]
+    return mine[-1] if mine else None
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores usable"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed no-change `dvc repro` runs")
+    ap.add_argument("--keep", action="store_true", help="keep the temp copy and print its path")
+    args = ap.parse_args()
+    overrides = parse_set(args.set)
+
+    tmp = Path(tempfile.mkdtemp(prefix="vaepipe-bench-"))
+    repo, hook = tmp / "project", tmp / "hook"
+    repo.mkdir()
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    log = tmp / "processes.jsonl"
+    make_copy(repo, overrides)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    env["VAEPIPE_BENCH_LOG"] = str(log)
+    try:
+        rows = []
+        t_all = time.perf_counter()
+        for stage in stage_names(repo):
+            seconds = dvc(repo, env, "repro", "--single-item", stage)
+            rec = last_stage_record(log, stage) or {}
+            rows.append(
+                (stage, seconds, rec.get("seconds"), rec.get("rss_kib"), rec.get("gpu_bytes"))
+            )
+            print(f"  {stage}: {seconds:.1f} s", flush=True)
+        first_s = time.perf_counter() - t_all
+        env_quiet = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VAEPIPE_BENCH_LOG")}
+        noop = [dvc(repo, env_quiet, "repro") for _ in range(args.repeats)]
+        status = subprocess.run(
+            ["dvc", "status"], cwd=repo, env=env_quiet, capture_output=True, text=True
+        ).stdout.strip()
+    finally:
+        if args.keep:
+            print(f"temp copy kept: {repo}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(f"{machine()}, load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"params overridden: {overrides or 'none (params.yaml defaults)'}")
+    print()
+    print(
+        "| stage | `dvc repro -s` wall s | stage process s | DVC overhead s | peak RSS MiB "
+        "| peak GPU MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for stage, total, own, rss, gpu in rows:
+        own_s = f"{own:.1f}" if own is not None else "-"
+        over = f"{total - own:.1f}" if own is not None else "-"
+        rss_s = f"{rss / 1024:,.0f}" if rss else "-"
+        gpu_s = f"{gpu / 2**20:,.0f}" if gpu else "-"
+        print(f"| {stage} | {total:.1f} | {own_s} | {over} | {rss_s} | {gpu_s} |")
+    print(f"| all stages | {first_s:.1f} | | | | |")
+    print()
+    print(
+        f"no-change `dvc repro`: best {min(noop):.2f} s of {args.repeats} "
+        f"({', '.join(f'{s:.2f}' for s in noop)}; target < 5 s); dvc status: {status!r}"
+    )
+    print("peak GPU: torch's allocator (onnxruntime's CUDA memory is not counted); '-' = no CUDA")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Data-parallel training: `torchrun --nproc_per_node 2` on CPU (gloo) = 1 process, same batch.
+
+Two ranks each take half of every global batch (and of its binarization and eps draws); DDP
+sums their gradients, so the weights match one process up to float summation order. Tolerance:
+atol 1e-5 on every weight after 3 epochs (the largest difference seen is 3e-8).
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _project import clean_env, make_project, sh
+
+from vaepipe import checkpoint, distributed
+from vaepipe.config import TrainConfig
+from vaepipe.model import VAE, VAEConfig
+from vaepipe.train import fit, set_threads
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+ATOL = 1e-5
+CFG = VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
+# 393 = 8 * 49 + 1: batches of 49 split 25 / 24 between the ranks, and a last batch of one
+# example leaves rank 1 an empty slice.
+TRAIN = TrainConfig(epochs=3, batch_size=49, threads=1)
+N_TRAIN = 393
+
+
+def tiny_data():
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(4, 1, 8, 8, generator=g)
+    x = protos[torch.randint(0, 4, (N_TRAIN + 100,), generator=g)] * 0.9 + 0.05
+    return x[:N_TRAIN], x[N_TRAIN:]
+
+
+def train_tiny(group=distributed.SINGLE, interrupt_at: int = 0, resume=None):
+    """fit on the tiny set; rank 0 keeps every checkpoint. interrupt_at: this rank sends
+    itself SIGINT in that encoder call (1-based; training steps and one validation pass an
+    epoch), as a signal to one rank only would."""
+    set_threads(TRAIN.threads)
+    x, x_val = tiny_data()
+    torch.manual_seed(0)
+    vae = VAE(CFG)
+    saved: list[dict] = []
+    if interrupt_at:
+        calls = {"n": 0}
+
+        def hook(module, args):
+            calls["n"] += 1
+            if calls["n"] == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        vae.encoder.register_forward_pre_hook(hook)
+    try:
+        history = fit(
+            vae,
+            x,
+            x_val,
+            TRAIN,
+            "dynamic",
+            on_checkpoint=saved.append if group.is_main else None,
+            resume=resume,
+            progress=False,
+            group=group,
+        )
+    except KeyboardInterrupt:
+        return vae, None, saved
+    return vae, history, saved
+
+
+WORKER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_distributed import train_tiny
+from vaepipe import distributed
+
+interrupt_rank, interrupt_at, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+with distributed.session(torch.device("cpu")) as (group, device):
+    at = interrupt_at if group.rank == interrupt_rank else 0
+    vae, history, saved = train_tiny(group, interrupt_at=at)
+    if group.is_main:
+        torch.save({{
+            "weights": vae.state_dict(),
+            "val": [h.val for h in history] if history else None,
+            "train": [h.train for h in history] if history else None,
+            "last_state": saved[-1] if saved else None,
+        }}, out)
+"""
+
+
+def torchrun(tmp_path: Path, *args: str, cwd: Path | None = None, check: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, *args],
+        cwd=cwd or tmp_path,
+        env=clean_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_worker(tmp_path: Path, interrupt_rank: int = -1, interrupt_at: int = 0) -> dict:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(TESTS)))
+    out = tmp_path / "out.pt"
+    torchrun(tmp_path, str(script), str(interrupt_rank), str(interrupt_at), str(out))
+    return torch.load(out, weights_only=True)
+
+
+def assert_weights_close(a: dict, b: dict) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=ATOL, rtol=0, msg=name)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    two = run_worker(tmp_path)
+    one, history, _ = train_tiny()
+    assert_weights_close(two["weights"], one.state_dict())
+    for h2, h1 in zip(two["val"], [h.val for h in history], strict=True):
+        assert h2 == pytest.approx(h1, abs=1e-4)
+    for h2, h1 in zip(two["train"], [h.train for h in history], strict=True):
+        assert h2 == pytest.approx(h1, abs=1e-4)  # epoch means summed over both ranks
+
+
+def test_a_signal_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(tmp_path):
+    calls_per_epoch = -(-N_TRAIN // TRAIN.batch_size) + 1  # steps + one validation batch
+    two = run_worker(tmp_path, interrupt_rank=1, interrupt_at=calls_per_epoch + 4)
+    state = two["last_state"]
+    assert two["val"] is None and state["epoch"] == 1 and state["batch"] == 4
+    resumed, _, _ = train_tiny(resume=state)
+    one, _, _ = train_tiny()
+    assert_weights_close(resumed.state_dict(), one.state_dict())
+
+
+def test_pipeline_train_under_torchrun_logs_once_from_rank_0(tmp_path):
+    (tmp_path / "project").mkdir()
+    repo = make_project(tmp_path / "project", **{"train.threads": 1, "train.resume": False})
+    sh(repo, "dvc", "repro", "prepare")
+    torchrun(tmp_path, "pipeline/train.py", cwd=repo)
+    two, _ = checkpoint.load(repo / "models" / "vae.pt")
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    db = sqlite3.connect(repo / "mlruns" / "mlflow.db")
+    runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
+    assert runs == [(metrics["run_id"], "FINISHED")]  # one run, from rank 0 only
+    tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid=?", (runs[0][0],)))
+    assert tags["world_size"] == "2"
+    epochs = db.execute(
+        "SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key='val/elbo'", (runs[0][0],)
+    ).fetchone()[0]
+    assert epochs == metrics["epochs"]
+
+    sh(repo, "python", "pipeline/train.py")
+    one, _ = checkpoint.load(repo / "models" / "vae.pt")
+    assert_weights_close(two.state_dict(), one.state_dict())
