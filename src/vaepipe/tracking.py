@@ -109,7 +109,13 @@ def setup(experiment: str) -> str:
             raise
 
     with _store_lock(uri):
-        return _retry(get_or_create, f"experiment {experiment}")
+        try:
+            return _retry(get_or_create, f"experiment {experiment}")
+        except Exception as e:  # a damaged or foreign database, a server that errors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(
+                f"cannot open MLflow experiment '{experiment}' in the store {uri}: {first[:300]}"
+            ) from None
 
 
 @contextlib.contextmanager
