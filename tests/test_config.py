@@ -35,6 +35,7 @@ def test_params_yaml_loads_and_flattens_with_its_own_keys():
         ({"model": "big"}, "'model' must be a mapping"),
         ({"data": {"binarize": "none"}}, "needs binary pixels"),
         ({"data": {"dataset": "npz"}}, "'data.npz_path'"),
+        ({"evaluate": {"knn_k": 50, "probe_train_size": 50}}, "must be smaller than"),
         ({"export": {"opset": 7}}, "'export.opset' = 7 is out of range; must be >= 18 and <= 26"),
         ({"mlflow": {"experiment": " "}}, "'mlflow.experiment' = ' ' must not be empty"),
         ({"train": {"seed": 2**64}}, "'train.seed' = 18446744073709551616 is out of range"),

@@ -207,6 +207,12 @@ def _check_cross(p: Params) -> None:
         )
     if p.data.dataset == "npz" and not p.data.npz_path:
         raise ConfigError("param 'data.npz_path' must name a .npz file when data.dataset is 'npz'")
+    ev = p.evaluate
+    if ev.probe_train_size and ev.knn_k >= ev.probe_train_size:
+        raise ConfigError(
+            f"param 'evaluate.knn_k' = {ev.knn_k} must be smaller than "
+            f"'evaluate.probe_train_size' = {ev.probe_train_size} (the points it votes among)"
+        )
 
 
 def from_dict(raw: Any) -> Params:
