@@ -9,6 +9,7 @@ when it used CUDA through torch, peak GPU memory (torch's allocator). Then a no-
 
     python benchmarks/pipeline.py                                    # params.yaml's defaults
     python benchmarks/pipeline.py --set train.epochs=2 --set evaluate.iwae_k=100
+    python benchmarks/pipeline.py --set train.epochs=2 --nproc 2     # train under torchrun
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ atexit.register(_report)
 """
 
 
-def make_copy(repo: Path, overrides: dict[str, object]) -> None:
-    """The project's pipeline in `repo` as a fresh git repo, with params overridden."""
+def make_copy(repo: Path, overrides: dict[str, object], nproc: int) -> None:
+    """The project's pipeline in `repo` as a fresh git repo, with params overridden (and the
+    train stage run under torchrun with `nproc` processes when nproc > 1)."""
     for name in ("pipeline", "src"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
@@ -64,6 +66,13 @@ def make_copy(repo: Path, overrides: dict[str, object]) -> None:
         section, key = dotted.split(".")
         params[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if nproc > 1:
+        dvc_yaml = repo / "dvc.yaml"
+        stages = yaml.safe_load(dvc_yaml.read_text())
+        stages["stages"]["train"]["cmd"] = (
+            f"torchrun --standalone --nproc_per_node {nproc} pipeline/train.py"
+        )
+        dvc_yaml.write_text(yaml.safe_dump(stages, sort_keys=False))
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark copy"]):
         subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
@@ -92,13 +101,21 @@ def dvc(repo: Path, env: dict[str, str], *args: str) -> float:
     return seconds
 
 
-def last_stage_record(log: Path, stage: str) -> dict | None:
-    """The hook's record of the process that ran pipeline/<stage>.py."""
-    if not log.exists():
-        return None
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    mine = [r for r in records if any(a.endswith(f"pipeline/{stage}.py") for a in r["argv"])]
-    return mine[-1] if mine else None
+def stage_records(log: Path, start: int, stage: str) -> dict:
+    """Max seconds, peak RSS and peak GPU memory over the processes that ran
+    pipeline/<stage>.py, among the hook's records from line `start` on (under torchrun: the
+    launcher and every rank)."""
+    lines = log.read_text().splitlines()[start:] if log.exists() else []
+    mine = [json.loads(line) for line in lines]
+    mine = [r for r in mine if any(a.endswith(f"pipeline/{stage}.py") for a in r["argv"])]
+    return {
+        key: max((r[key] for r in mine if r[key] is not None), default=None)
+        for key in ("seconds", "rss_kib", "gpu_bytes")
+    }
+
+
+def n_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def machine() -> str:
@@ -116,6 +133,9 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param"
     )
     ap.add_argument("--repeats", type=int, default=3, help="timed no-change `dvc repro` runs")
+    ap.add_argument(
+        "--nproc", type=int, default=1, help="train with torchrun, this many processes (1: no)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp copy and print its path")
     args = ap.parse_args()
     overrides = parse_set(args.set)
@@ -126,26 +146,26 @@ def main() -> None:
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = tmp / "processes.jsonl"
-    make_copy(repo, overrides)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
-    env["VAEPIPE_BENCH_LOG"] = str(log)
+    make_copy(repo, overrides, args.nproc)
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    plain["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{plain['PATH']}"
+    hooked = dict(plain, VAEPIPE_BENCH_LOG=str(log))
+    hooked["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), plain.get("PYTHONPATH")]))
     try:
         rows = []
         t_all = time.perf_counter()
         for stage in stage_names(repo):
-            seconds = dvc(repo, env, "repro", "--single-item", stage)
-            rec = last_stage_record(log, stage) or {}
+            start = n_lines(log)
+            seconds = dvc(repo, hooked, "repro", "--single-item", stage)
+            rec = stage_records(log, start, stage)
             rows.append(
                 (stage, seconds, rec.get("seconds"), rec.get("rss_kib"), rec.get("gpu_bytes"))
             )
             print(f"  {stage}: {seconds:.1f} s", flush=True)
         first_s = time.perf_counter() - t_all
-        env_quiet = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VAEPIPE_BENCH_LOG")}
-        noop = [dvc(repo, env_quiet, "repro") for _ in range(args.repeats)]
+        noop = [dvc(repo, plain, "repro") for _ in range(args.repeats)]
         status = subprocess.run(
-            ["dvc", "status"], cwd=repo, env=env_quiet, capture_output=True, text=True
+            ["dvc", "status"], cwd=repo, env=plain, capture_output=True, text=True
         ).stdout.strip()
     finally:
         if args.keep:
@@ -156,6 +176,8 @@ def main() -> None:
     print()
     print(f"{machine()}, load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"params overridden: {overrides or 'none (params.yaml defaults)'}")
+    if args.nproc > 1:
+        print(f"train stage: torchrun --standalone --nproc_per_node {args.nproc}")
     print()
     print(
         "| stage | `dvc repro -s` wall s | stage process s | DVC overhead s | peak RSS MiB "
