@@ -70,12 +70,17 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
             f"param 'train.batch_size' = {params.train.batch_size} is larger than the "
             f"{len(x_train)} training examples"
         )
+    m = params.model
     mcfg = VAEConfig(
         image_shape=tuple(x_train.shape[1:]),
-        latent_dim=params.model.latent_dim,
-        hidden=list(params.model.hidden),
-        likelihood=params.model.likelihood,
-        gaussian_sigma=params.model.gaussian_sigma,
+        latent_dim=m.latent_dim,
+        hidden=list(m.hidden),
+        likelihood=m.likelihood,
+        gaussian_sigma=m.gaussian_sigma,
+        arch=m.arch,
+        channels=list(m.channels),
+        learn_sigma=m.learn_sigma,
+        min_sigma=m.min_sigma,
     )
     torch.manual_seed(params.train.seed)
     try:
@@ -158,6 +163,7 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
             ) from None
         seconds = time.perf_counter() - t0
         last = history[-1]
+        best = history[last.best_epoch - 1]  # fit handed back this epoch's weights
         checkpoint.save(MODEL, vae, {"params": config.to_dict(params), "run_id": run.info.run_id})
         # DVC outputs hold the deterministic figures only; wall times go to MLflow.
         curves = [
@@ -172,15 +178,17 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
             METRICS,
             {
                 "run_id": run.info.run_id,
-                "epochs": last.epoch,
+                "epochs": last.epoch,  # epochs run (fewer than train.epochs: early stopping)
                 "device": str(device),
-                **{k: v for k, v in last.metrics().items() if k != "epoch_seconds"},
+                **{k: v for k, v in best.metrics().items() if k != "epoch_seconds"},
             },
         )
-        mlflow.log_metric("train_seconds", seconds)
+        mlflow.log_metrics({"train_seconds": seconds, "epochs_run": last.epoch})
+    stopped = f", stopped early after {last.epoch}" if last.epoch < params.train.epochs else ""
     print(
-        f"train: done in {seconds:.1f}s; val ELBO {last.val['elbo']:.2f} nats "
-        f"(recon {last.val['recon']:.2f}, KL {last.val['kl']:.2f}); MLflow run {run.info.run_id}"
+        f"train: done in {seconds:.1f}s{stopped}; best epoch {best.epoch}: val ELBO "
+        f"{best.val['elbo']:.2f} nats (recon {best.val['recon']:.2f}, KL {best.val['kl']:.2f})"
+        f"; MLflow run {run.info.run_id}"
     )
 
 

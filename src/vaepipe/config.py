@@ -19,8 +19,10 @@ from vaepipe.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "mnist", "digits", "npz")
 BINARIZE = ("dynamic", "static", "none")
-LIKELIHOODS = ("bernoulli", "gaussian")
-ARCHS = ("mlp",)
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
+ARCHS = ("mlp", "conv")
+OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -53,9 +55,12 @@ class DataConfig:
 class ModelConfig:
     arch: str = field(default="mlp", metadata=_choice(*ARCHS))
     hidden: list = field(default_factory=lambda: [512, 256], metadata={"item": int})
+    channels: list = field(default_factory=lambda: [32, 64], metadata={"item": int})
     latent_dim: int = field(default=32, metadata=_range(1))
     likelihood: str = field(default="bernoulli", metadata=_choice(*LIKELIHOODS))
     gaussian_sigma: float = field(default=0.1, metadata=_range(0, lo_open=True))
+    learn_sigma: bool = False
+    min_sigma: float = field(default=0.01, metadata=_range(0, lo_open=True))
 
 
 @dataclass
@@ -64,6 +69,15 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
     beta: float = field(default=1.0, metadata=_range(0))
+    warmup_epochs: int = field(default=0, metadata=_range(0))
+    free_bits: float = field(default=0.0, metadata=_range(0))
+    objective: str = field(default="elbo", metadata=_choice(*OBJECTIVES))
+    iwae_k: int = field(default=5, metadata=_range(1, 10_000))
+    lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
+    lr_min: float = field(default=0.0, metadata=_range(0))
+    lr_patience: int = field(default=5, metadata=_range(1))
+    lr_factor: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    early_stopping: int = field(default=0, metadata=_range(0))
     seed: int = field(default=0, metadata=SEED)
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     threads: int = field(default=0, metadata=_range(0))
@@ -74,6 +88,7 @@ class TrainConfig:
 class EvaluateConfig:
     # [k, batch, pixels] samples at once; beyond 1e5 per image it no longer fits in memory
     iwae_k: int = field(default=500, metadata=_range(1, 100_000))
+    iwae_n: int = field(default=0, metadata=_range(0))
     batch_size: int = field(default=100, metadata=_range(1))
     seed: int = field(default=0, metadata=SEED)
     n_images: int = field(default=64, metadata=_range(1))
@@ -204,6 +219,40 @@ def _check_cross(p: Params) -> None:
             "param 'data.binarize' = 'none' does not fit 'model.likelihood' = 'bernoulli' "
             "(a Bernoulli likelihood needs binary pixels); use binarize dynamic/static, "
             "or likelihood gaussian for grey-level pixels"
+        )
+    m, t = p.model, p.train
+    if m.likelihood == "continuous_bernoulli" and p.data.binarize != "none":
+        raise ConfigError(
+            "param 'model.likelihood' = 'continuous_bernoulli' is a density for grey-level "
+            f"pixels in [0, 1], but 'data.binarize' = '{p.data.binarize}'; set binarize none"
+        )
+    if m.learn_sigma and m.likelihood != "gaussian":
+        raise ConfigError(
+            f"param 'model.learn_sigma' = true needs 'model.likelihood' = 'gaussian' "
+            f"(it is '{m.likelihood}')"
+        )
+    if m.learn_sigma and m.min_sigma >= m.gaussian_sigma:
+        raise ConfigError(
+            f"param 'model.min_sigma' = {m.min_sigma} must be smaller than "
+            f"'model.gaussian_sigma' = {m.gaussian_sigma} (where a learned std starts)"
+        )
+    if m.arch == "conv" and not m.channels:
+        raise ConfigError("param 'model.channels' must list at least one width for arch conv")
+    if t.objective == "iwae":
+        for key, value, neutral in (
+            ("beta", t.beta, 1.0),
+            ("warmup_epochs", t.warmup_epochs, 0),
+            ("free_bits", t.free_bits, 0.0),
+        ):
+            if value != neutral:
+                raise ConfigError(
+                    f"param 'train.{key}' = {value} does not apply to 'train.objective' = "
+                    f"'iwae' (the IWAE bound has no separate KL term); set it to {neutral}"
+                )
+    if t.lr_schedule != "constant" and t.lr_min >= t.lr:
+        raise ConfigError(
+            f"param 'train.lr_min' = {t.lr_min} must be smaller than 'train.lr' = {t.lr} "
+            f"for lr_schedule '{t.lr_schedule}'"
         )
     if p.data.dataset == "npz" and not p.data.npz_path:
         raise ConfigError("param 'data.npz_path' must name a .npz file when data.dataset is 'npz'")

@@ -101,9 +101,11 @@ def broadcast_object(obj, group: Group):
     return box[0]
 
 
-def local_slice(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """This rank's rows of a global batch: contiguous, sizes differing by at most one."""
-    return torch.tensor_split(x, group.world_size)[group.rank]
+def local_slice(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """This rank's rows of a global batch (along `dim`): contiguous, sizes differing by <= 1."""
+    if not group.enabled:
+        return x
+    return torch.tensor_split(x, group.world_size, dim=dim)[group.rank]
 
 
 def all_reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -114,8 +116,9 @@ def all_reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x
 
 
-class _Step(nn.Module):
-    """VAE.forward with eps given: each rank passes its slice of the one global eps draw."""
+class Step(nn.Module):
+    """VAE.forward with eps given ([B, D], or [K, B, D] for K samples each): under torchrun each
+    rank passes its slice of the one global eps draw. Returns (logits, z, mu, logvar)."""
 
     def __init__(self, vae: VAE):
         super().__init__()
@@ -123,7 +126,8 @@ class _Step(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor):
         mu, logvar = self.vae.encode(x)
-        return self.vae.decode(self.vae.reparameterize(mu, logvar, eps)), mu, logvar
+        z = self.vae.reparameterize(mu, logvar, eps)
+        return self.vae.decode(z), z, mu, logvar
 
 
 def wrap(vae: VAE, group: Group) -> nn.Module:
@@ -132,4 +136,4 @@ def wrap(vae: VAE, group: Group) -> nn.Module:
 
     device = next(vae.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(_Step(vae), device_ids=ids)
+    return DistributedDataParallel(Step(vae), device_ids=ids)

@@ -18,17 +18,65 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def recon_nll(
-    x: torch.Tensor, logits: torch.Tensor, likelihood: str, sigma: float = 0.1
+    x: torch.Tensor, logits: torch.Tensor, likelihood: str, sigma: float | torch.Tensor = 0.1
 ) -> torch.Tensor:
-    """-log p(x|z) per example, summed over pixels: [...] for x, logits [..., C, H, W]."""
+    """-log p(x|z) per example, summed over pixels: [...] for x, logits [..., C, H, W].
+
+    Every likelihood is a proper log-probability (bernoulli, on binary x) or log-density
+    (gaussian, continuous_bernoulli, on x in [0, 1]) in nats, so runs of one kind compare.
+    sigma: the Gaussian's std, a float or one per pixel [C, H, W].
+    """
     if likelihood == "bernoulli":
         nll = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
     elif likelihood == "gaussian":
         mean = torch.sigmoid(logits)
-        nll = 0.5 * ((x - mean) / sigma) ** 2 + math.log(sigma) + 0.5 * LOG_2PI
+        if isinstance(sigma, torch.Tensor):
+            log_sigma = torch.log(sigma)
+        else:
+            log_sigma = math.log(sigma)
+        nll = 0.5 * ((x - mean) / sigma) ** 2 + log_sigma + 0.5 * LOG_2PI
+    elif likelihood == "continuous_bernoulli":
+        nll = -(logits * x + cb_log_norm(logits))
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}")
     return nll.flatten(-3).sum(-1)
+
+
+# Below |eta| < this the closed forms of the continuous Bernoulli cancel catastrophically in
+# float32; their Taylor series (error < 1e-7 there) take over.
+_CB_TAYLOR = 0.5
+
+
+def cb_log_norm(eta: torch.Tensor) -> torch.Tensor:
+    """log C(eta) of the continuous Bernoulli p(x) = C exp(eta x) on [0, 1], eta = logit(lambda).
+
+    C = eta / (e^eta - 1) (Loaiza-Ganem & Cunningham 2019, in natural-parameter form); written
+    as log|eta| - max(eta, 0) - log(1 - e^-|eta|) so no exp overflows.
+    """
+    small = eta.abs() < _CB_TAYLOR
+    safe = torch.where(small, torch.ones_like(eta), eta)  # no log(0) feeding a NaN gradient
+    a = safe.abs()
+    exact = torch.log(a) - safe.clamp_min(0) - torch.log(-torch.expm1(-a))
+    e2 = eta * eta
+    series = -eta / 2 + e2 / 24 - e2 * e2 / 2880
+    return torch.where(small, series, exact)
+
+
+def cb_mean(eta: torch.Tensor) -> torch.Tensor:
+    """E[x] of the continuous Bernoulli with natural parameter eta: 1/(1 - e^-eta) - 1/eta."""
+    small = eta.abs() < _CB_TAYLOR
+    safe = torch.where(small, torch.ones_like(eta), eta)
+    exact = -1.0 / torch.expm1(-safe) - 1.0 / safe
+    e2 = eta * eta
+    series = 0.5 + eta / 12 - eta * e2 / 720 + eta * e2 * e2 / 30240
+    return torch.where(small, series, exact)
+
+
+def likelihood_mean(logits: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """E[x|z] from decoder logits: sigmoid for bernoulli and gaussian (means kept in [0, 1])."""
+    if likelihood == "continuous_bernoulli":
+        return cb_mean(logits)
+    return torch.sigmoid(logits)
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -47,7 +95,7 @@ class ElboTerms:
     kl: torch.Tensor  # scalar, mean over the batch of KL(q || p)
     kl_per_dim: torch.Tensor  # [D], mean over the batch
     elbo: torch.Tensor  # scalar, -(recon + kl)
-    loss: torch.Tensor  # scalar, recon + beta * kl (what is minimised)
+    loss: torch.Tensor  # scalar, what is minimised (recon + beta * kl for the ELBO objective)
 
 
 def elbo_terms(
@@ -56,14 +104,42 @@ def elbo_terms(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     likelihood: str,
-    sigma: float = 0.1,
+    sigma: float | torch.Tensor = 0.1,
     beta: float = 1.0,
+    free_bits: float = 0.0,
 ) -> ElboTerms:
+    """ELBO terms of one sample per example. free_bits > 0: the loss charges each latent dim
+    max(free_bits, its batch-mean KL) (Kingma et al. 2016), so a dim may carry that many nats
+    for free; the reported kl and elbo stay the true ones."""
     recon = recon_nll(x, logits, likelihood, sigma).mean()
     kl_d = kl_per_dim(mu, logvar).mean(0)
     kl = kl_d.sum()
+    charged = kl_d.clamp_min(free_bits).sum() if free_bits > 0 else kl
     return ElboTerms(
-        recon=recon, kl=kl, kl_per_dim=kl_d, elbo=-(recon + kl), loss=recon + beta * kl
+        recon=recon, kl=kl, kl_per_dim=kl_d, elbo=-(recon + kl), loss=recon + beta * charged
+    )
+
+
+def iwae_terms(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    likelihood: str,
+    sigma: float | torch.Tensor = 0.1,
+) -> ElboTerms:
+    """The IWAE objective (Burda et al. 2016) from K samples per example (z [K, B, D]): loss is
+    minus the batch mean of log (1/K) sum_k w_k; recon and elbo are the K-sample averages of the
+    single-sample terms (unbiased ELBO estimates), kl the closed form."""
+    log_px_z = -recon_nll(x, logits, likelihood, sigma)  # [K, B]
+    log_w = log_px_z + log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
+    log_w = log_w - log_normal_diag(z, mu, logvar)
+    recon = -log_px_z.mean()
+    kl_d = kl_per_dim(mu, logvar).mean(0)
+    kl = kl_d.sum()
+    return ElboTerms(
+        recon=recon, kl=kl, kl_per_dim=kl_d, elbo=-(recon + kl), loss=-iwae_bound(log_w).mean()
     )
 
 
@@ -79,7 +155,7 @@ def iwae_log_weights(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     likelihood: str,
-    sigma: float = 0.1,
+    sigma: float | torch.Tensor = 0.1,
 ) -> torch.Tensor:
     """log p(x|z) + log p(z) - log q(z|x) for z [K, B, D], logits [K, B, C, H, W]: [K, B]."""
     log_px_z = -recon_nll(x, logits, likelihood, sigma)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vaepipe.elbo import LOG_2PI, elbo_terms, iwae_bound, iwae_log_weights, recon_nll
+from vaepipe.elbo import LOG_2PI, elbo_terms, iwae_bound, iwae_log_weights
 from vaepipe.model import VAE
 
 # Rows the decoder sees per tensor op in the IWAE loop (K samples x B examples), per device. On
@@ -40,7 +40,7 @@ def evaluate_elbo(
         mu, logvar = vae.encode(xb)
         eps = torch.randn(mu.shape, generator=gen, device=mu.device)
         logits = vae.decode(vae.reparameterize(mu, logvar, eps))
-        t = elbo_terms(xb, logits, mu, logvar, cfg.likelihood, cfg.gaussian_sigma)
+        t = elbo_terms(xb, logits, mu, logvar, cfg.likelihood, vae.sigma)
         n = len(xb)
         sums += n * torch.stack([t.recon, t.kl, t.elbo]).double()
         kl_d += n * t.kl_per_dim.double()
@@ -70,7 +70,7 @@ def iwae_log_likelihood(
         eps = torch.randn((k, *mu.shape), generator=gen, device=x.device)  # [K, B, D]
         z = mu + torch.exp(0.5 * logvar) * eps
         logits = vae.decode(z)  # [K, B, C, H, W]
-        log_w = iwae_log_weights(xb, logits, z, mu, logvar, cfg.likelihood, cfg.gaussian_sigma)
+        log_w = iwae_log_weights(xb, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
         out[i : i + chunk] = iwae_bound(log_w)
     return out
 
@@ -107,13 +107,10 @@ def reconstruct(
     model); MSE and PSNR compare grey `x_grey` with its reconstruction, as a user sees them.
     """
     vae.eval()
-    cfg = vae.cfg
     nll, mse = [], []
     for i in range(0, len(x), batch_size):
         xb, gb = x[i : i + batch_size], x_grey[i : i + batch_size]
-        nll.append(
-            recon_nll(xb, vae.decode(vae.encode(xb)[0]), cfg.likelihood, cfg.gaussian_sigma)
-        )
+        nll.append(vae.recon_nll(xb, vae.decode(vae.encode(xb)[0])))
         mse.append((vae.mean(vae.decode(vae.encode(gb)[0])) - gb).pow(2).flatten(1).mean(1))
     mse_all = torch.cat(mse)
     # An exact reconstruction has infinite PSNR; clamp so means and plots stay finite (100 dB).

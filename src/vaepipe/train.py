@@ -1,4 +1,6 @@
-"""The training loop: Adam on the (beta-)ELBO, data held as tensors on the training device.
+"""The training loop: Adam on the (beta-)ELBO or the IWAE bound, data held as tensors on the
+training device; KL warm-up, free bits, learning-rate schedules, early stopping on the validation
+objective, and the best epoch's weights kept.
 
 No file I/O and no MLflow here: each finished epoch is handed to `on_epoch_end`, and the full
 loop state (weights, optimizer, RNG, position in the epoch) to `on_checkpoint` after every epoch
@@ -8,6 +10,7 @@ and when the loop is interrupted, so the stage script can log, save and later re
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import threading
 import time
@@ -18,9 +21,9 @@ import torch
 
 from vaepipe import distributed
 from vaepipe.config import TrainConfig
-from vaepipe.elbo import elbo_terms
+from vaepipe.elbo import elbo_terms, iwae_terms
 from vaepipe.errors import VaepipeError
-from vaepipe.metrics import evaluate_elbo
+from vaepipe.metrics import evaluate_elbo, iwae_log_likelihood
 from vaepipe.model import VAE
 
 
@@ -33,12 +36,14 @@ class EpochStats:
     lr: float
     seconds: float
     kl_per_dim: list[float] = field(default_factory=list)  # validation KL per latent dim
+    best_epoch: int = 0  # the epoch with the best validation objective so far
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metric names (DESIGN.md)."""
         out = {f"train/{k}": v for k, v in self.train.items()}
         out.update({f"val/{k}": v for k, v in self.val.items()})
         out.update({"beta": self.beta, "lr": self.lr, "epoch_seconds": self.seconds})
+        out["best_epoch"] = self.best_epoch
         return out
 
 
@@ -77,7 +82,8 @@ class _Loop:
         self.opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr, foreach=True)
         self.group = group
         # Under torchrun: the VAE in DistributedDataParallel, taking (x slice, eps slice).
-        self.model = distributed.wrap(vae, group) if group.enabled else vae
+        self.model = distributed.wrap(vae, group) if group.enabled else distributed.Step(vae)
+        self.cfg = cfg
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.epoch = 0  # epochs completed
         self.batch = 0  # batches completed within the current epoch
@@ -86,6 +92,14 @@ class _Loop:
             4, device=device, dtype=torch.float64
         )  # n * (loss, recon, kl, elbo)
         self.history: list[EpochStats] = []
+        self.steps_per_epoch = 1
+        # the best validation objective so far, its epoch and weights (kept as the model)
+        self.best_score = -float("inf")
+        self.best_epoch = 0
+        self.best_model: dict | None = None
+        self.bad_epochs = 0  # epochs since the best one (early stopping)
+        self.plateau_bad = 0  # epochs without improvement since the last lr cut (plateau)
+        self.stopped = False  # early stopping ended the run
 
     def state_dict(self) -> dict:
         """Tensors, numbers and lists only: loadable with torch.load(weights_only=True)."""
@@ -100,6 +114,14 @@ class _Loop:
             "perm": None if self.perm is None else self.perm.cpu(),
             "sums": self.sums.cpu(),
             "history": [dataclasses.asdict(h) for h in self.history],
+            "best": {
+                "score": self.best_score,
+                "epoch": self.best_epoch,
+                "model": self.best_model,
+                "bad_epochs": self.bad_epochs,
+                "plateau_bad": self.plateau_bad,
+                "stopped": self.stopped,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -114,6 +136,11 @@ class _Loop:
         self.perm = None if state["perm"] is None else state["perm"].to(device)
         self.sums = state["sums"].to(device)
         self.history = [EpochStats(**h) for h in state["history"]]
+        best = state["best"]
+        self.best_score, self.best_epoch = best["score"], best["epoch"]
+        self.best_model = best["model"]
+        self.bad_epochs, self.plateau_bad = best["bad_epochs"], best["plateau_bad"]
+        self.stopped = best["stopped"]
 
 
 def _check_finite(vae: VAE, loss: torch.Tensor, epoch: int, batch: int) -> None:
@@ -170,8 +197,22 @@ class _DeferredInterrupts:
             raise KeyboardInterrupt(self.requested)
 
 
+def kl_weight(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """beta at optimizer step `step` (0-based): a linear ramp from ~0 to beta over the first
+    warmup_epochs epochs (Bowman et al. 2016; Sønderby et al. 2016), then beta."""
+    if cfg.warmup_epochs == 0:
+        return cfg.beta
+    return cfg.beta * min(1.0, (step + 1) / (cfg.warmup_epochs * steps_per_epoch))
+
+
+def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch `epoch` + 1 (epoch = epochs done): lr down to lr_min."""
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
 def _train_epoch(loop: _Loop, x_train, cfg: TrainConfig, binarization: str, interrupts):
-    """Finish the current epoch from loop.batch on; returns (loss, recon, kl, elbo) means."""
+    """Finish the current epoch from loop.batch on; returns ((loss, recon, kl, elbo) means,
+    the KL weight of the epoch's last step)."""
     vae, n, bs = loop.vae, len(x_train), cfg.batch_size
     vae.train()
     # Interrupts are taken only between whole steps, and never between drawing the epoch's
@@ -183,11 +224,14 @@ def _train_epoch(loop: _Loop, x_train, cfg: TrainConfig, binarization: str, inte
         # Under torchrun every rank draws the same order and binary pixels: one global draw.
         loop.perm = torch.randperm(n, generator=loop.gen, device=x_train.device)
         loop.sums.zero_()
+    steps = math.ceil(n / bs)
+    beta = kl_weight(cfg, loop.epoch * steps + loop.batch, steps)
     for i in range(loop.batch * bs, n, bs):
         xb = x_train[loop.perm[i : i + bs]]
         if binarization == "dynamic":
             xb = binarize(xb, loop.gen)
-        loss, check, stats = _forward(loop, xb, cfg.beta)
+        beta = kl_weight(cfg, loop.epoch * steps + loop.batch, steps)
+        loss, check, stats = _forward(loop, xb, beta)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         _check_finite(vae, check, loop.epoch + 1, loop.batch + 1)
@@ -197,7 +241,7 @@ def _train_epoch(loop: _Loop, x_train, cfg: TrainConfig, binarization: str, inte
         loop.batch += 1
         if stop:
             raise KeyboardInterrupt(stop)
-    return (loop.sums / n).tolist()
+    return (loop.sums / n).tolist(), beta
 
 
 def _forward(loop: _Loop, xb: torch.Tensor, beta: float):
@@ -206,18 +250,25 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float):
     Under torchrun each rank takes its slice of the batch and of one global eps draw (the
     numbers one process draws), so the gradient DDP averages is the global batch's.
     """
-    vae, group, cfg = loop.vae, loop.group, loop.vae.cfg
-    if not group.enabled:
-        logits, mu, logvar = vae(xb)
-        t = elbo_terms(xb, logits, mu, logvar, cfg.likelihood, cfg.gaussian_sigma, beta)
-        return t.loss, t.loss, len(xb) * _terms(t)
-    eps = torch.randn((len(xb), cfg.latent_dim), device=xb.device)  # = randn_like in forward
+    vae, group, cfg, tcfg = loop.vae, loop.group, loop.vae.cfg, loop.cfg
+    iwae = tcfg.objective == "iwae"
+    shape = (tcfg.iwae_k, len(xb), cfg.latent_dim) if iwae else (len(xb), cfg.latent_dim)
+    eps = torch.randn(shape, device=xb.device)
     x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
-    logits, mu, logvar = loop.model(x_local, distributed.local_slice(eps, group))
+    logits, z, mu, logvar = loop.model(x_local, distributed.local_slice(eps, group, dim=-2))
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
         zero = logits.sum() + mu.sum() + logvar.sum()  # 0, and a zero gradient for every weight
+        if hasattr(vae, "raw_sigma"):
+            zero = zero + 0 * vae.raw_sigma.sum()
         return zero, zero, loop.sums.new_zeros(4)
-    t = elbo_terms(x_local, logits, mu, logvar, cfg.likelihood, cfg.gaussian_sigma, beta)
+    if iwae:
+        t = iwae_terms(x_local, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
+    else:
+        t = elbo_terms(
+            x_local, logits, mu, logvar, cfg.likelihood, vae.sigma, beta, tcfg.free_bits
+        )
+    if not group.enabled:
+        return t.loss, t.loss, len(xb) * _terms(t)
     # DDP averages the ranks' gradients; weighting each rank's batch mean by its share of the
     # batch (slices may differ by one row) makes that the gradient of the global batch mean.
     weight = len(x_local) * group.world_size / len(xb)
@@ -277,19 +328,29 @@ def fit(
     )
     try:
         with _DeferredInterrupts() as interrupts:
-            while loop.epoch < cfg.epochs:
+            while loop.epoch < cfg.epochs and not loop.stopped:
                 t0 = time.perf_counter()
-                loss, recon, kl, elbo = _train_epoch(loop, x_train, cfg, binarization, interrupts)
+                if cfg.lr_schedule == "cosine":
+                    _set_lr(loop, cosine_lr(cfg, loop.epoch))
+                lr = loop.opt.param_groups[0]["lr"]
+                (loss, recon, kl, elbo), beta = _train_epoch(
+                    loop, x_train, cfg, binarization, interrupts
+                )
                 val, kl_d = evaluate_elbo(vae, x_val, seed=cfg.seed)
+                if cfg.objective == "iwae":
+                    val["iwae"] = iwae_log_likelihood(vae, x_val, cfg.iwae_k, seed=cfg.seed)
+                    val["iwae"] = val["iwae"].mean().item()
                 loop.epoch, loop.batch = loop.epoch + 1, 0
+                _after_epoch(loop, cfg, val["iwae" if cfg.objective == "iwae" else "elbo"])
                 stats = EpochStats(
                     epoch=loop.epoch,
                     train={"loss": loss, "recon": recon, "kl": kl, "elbo": elbo},
                     val=val,
-                    beta=cfg.beta,
-                    lr=loop.opt.param_groups[0]["lr"],
+                    beta=beta,
+                    lr=lr,
                     seconds=time.perf_counter() - t0,
                     kl_per_dim=kl_d.tolist(),
+                    best_epoch=loop.best_epoch,
                 )
                 loop.history.append(stats)
                 bar.update(1)
@@ -306,4 +367,28 @@ def fit(
         raise
     finally:
         bar.close()
+    if loop.best_model is not None:  # the model handed back is the best epoch's
+        vae.load_state_dict(loop.best_model)
     return loop.history
+
+
+def _set_lr(loop: _Loop, lr: float) -> None:
+    for g in loop.opt.param_groups:
+        g["lr"] = lr
+
+
+def _after_epoch(loop: _Loop, cfg: TrainConfig, score: float) -> None:
+    """Book-keeping on the validation objective `score` (higher is better) of the epoch just
+    done: the best weights, the plateau lr cut, and early stopping."""
+    if score > loop.best_score:
+        loop.best_score, loop.best_epoch = score, loop.epoch
+        loop.best_model = {k: v.detach().cpu().clone() for k, v in loop.vae.state_dict().items()}
+        loop.bad_epochs = loop.plateau_bad = 0
+    else:
+        loop.bad_epochs += 1
+        loop.plateau_bad += 1
+    if cfg.lr_schedule == "plateau" and loop.plateau_bad >= cfg.lr_patience:
+        _set_lr(loop, max(cfg.lr_min, loop.opt.param_groups[0]["lr"] * cfg.lr_factor))
+        loop.plateau_bad = 0
+    if cfg.early_stopping and loop.bad_epochs >= cfg.early_stopping:
+        loop.stopped = True
