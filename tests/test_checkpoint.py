@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vaepipe import checkpoint
+from vaepipe.distributed import Step
 from vaepipe.errors import ModelFileError
 from vaepipe.model import VAE, VAEConfig
 
@@ -182,21 +183,21 @@ def test_a_second_ctrl_c_mid_step_never_saves_a_half_step(monkeypatch):
     fit(ref, x, xv, cfg, "dynamic", progress=False)
 
     calls = {"n": 0}
-    forward = VAE.forward
+    forward = Step.forward
 
-    def twice_mid_forward(self, xb):  # both signals land inside the 25th forward pass
+    def twice_mid_forward(self, xb, eps):  # both signals land inside the 25th forward pass
         calls["n"] += 1
         if calls["n"] == 25:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, xb)
+        return forward(self, xb, eps)
 
     saved = []  # copies, as the files are: a state dict shares tensors with the live model
 
     def save(state):
         saved.append(copy.deepcopy(state))
 
-    monkeypatch.setattr(VAE, "forward", twice_mid_forward)
+    monkeypatch.setattr(Step, "forward", twice_mid_forward)
     with pytest.raises(KeyboardInterrupt):
         fit(fresh(), x, xv, cfg, "dynamic", on_checkpoint=save, progress=False)
     monkeypatch.setattr(VAE, "forward", forward)

@@ -43,6 +43,33 @@ def test_params_yaml_loads_and_flattens_with_its_own_keys():
         ({"train": {"lr": 10**400}}, "'train.lr' = inf must be a finite number"),
         ({"model": {10**5000: 1}}, "unknown param 'model.<an integer of 16610 bits>'"),
         ([1, 2], "the params file must be a mapping of keys, got [1, 2]"),
+        ({"model": {"arch": "resnet"}}, "choose one of: mlp, conv"),
+        ({"model": {"arch": "conv", "channels": []}}, "'model.channels' must list at least one"),
+        ({"model": {"channels": [32, -1]}}, "'model.channels' = [32, -1] must be a list"),
+        ({"model": {"likelihood": "continuous_bernoulli"}}, "set binarize none"),
+        ({"model": {"learn_sigma": True}}, "needs 'model.likelihood' = 'gaussian'"),
+        (
+            {
+                "model": {"likelihood": "gaussian", "learn_sigma": True, "min_sigma": 0.2},
+                "data": {"binarize": "none"},
+            },
+            "'model.min_sigma' = 0.2 must be smaller than 'model.gaussian_sigma' = 0.1",
+        ),
+        ({"train": {"objective": "vae"}}, "choose one of: elbo, iwae"),
+        ({"train": {"objective": "iwae", "beta": 0.5}}, "'train.beta' = 0.5 does not apply"),
+        ({"train": {"objective": "iwae", "warmup_epochs": 5}}, "'train.warmup_epochs' = 5"),
+        ({"train": {"objective": "iwae", "free_bits": 0.1}}, "'train.free_bits' = 0.1"),
+        ({"train": {"iwae_k": 0}}, "'train.iwae_k' = 0 is out of range"),
+        ({"train": {"free_bits": -1}}, "'train.free_bits' = -1.0 is out of range; must be >= 0"),
+        ({"train": {"warmup_epochs": 2.5}}, "'train.warmup_epochs' = 2.5 must be an integer"),
+        ({"train": {"lr_schedule": "cosine", "lr_min": 0.01}}, "'train.lr_min' = 0.01 must be"),
+        ({"train": {"lr_schedule": "step"}}, "choose one of: constant, cosine, plateau"),
+        (
+            {"train": {"lr_factor": 1}},
+            "'train.lr_factor' = 1.0 is out of range; must be > 0 and < 1",
+        ),
+        ({"train": {"early_stopping": -3}}, "'train.early_stopping' = -3 is out of range"),
+        ({"evaluate": {"iwae_n": -1}}, "'evaluate.iwae_n' = -1 is out of range"),
     ],
 )
 def test_bad_params_name_key_value_and_allowed(raw, message):
@@ -63,3 +90,29 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 def test_gaussian_with_grey_pixels_is_valid():
     p = config.from_dict({"model": {"likelihood": "gaussian"}, "data": {"binarize": "none"}})
     assert p.model.likelihood == "gaussian" and p.train.lr == 1e-3
+
+
+def test_every_issue_9_option_is_reachable_together():
+    p = config.from_dict(
+        {
+            "data": {"binarize": "none"},
+            "model": {
+                "arch": "conv",
+                "channels": [16, 32],
+                "likelihood": "gaussian",
+                "learn_sigma": True,
+                "min_sigma": 0.02,
+            },
+            "train": {
+                "warmup_epochs": 3,
+                "free_bits": 0.25,
+                "lr_schedule": "plateau",
+                "lr_min": 1e-5,
+                "early_stopping": 5,
+            },
+            "evaluate": {"iwae_n": 1000},
+        }
+    )
+    assert p.model.arch == "conv" and p.train.free_bits == 0.25 and p.evaluate.iwae_n == 1000
+    q = config.from_dict({"train": {"objective": "iwae", "iwae_k": 50, "lr_schedule": "cosine"}})
+    assert q.train.iwae_k == 50

@@ -60,3 +60,39 @@ def test_parity_check_notices_a_different_model(exported):
     with torch.no_grad():
         vae.decoder.net[0].bias += 0.5
     assert export.parity(vae, enc, dec)["decoder_b257"] > 1e-3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"arch": "conv", "channels": [4, 8]},
+        {"likelihood": "continuous_bernoulli"},
+        {"likelihood": "gaussian", "learn_sigma": True, "gaussian_sigma": 0.2},
+        {"arch": "conv", "channels": [4], "likelihood": "continuous_bernoulli"},
+    ],
+    ids=["conv", "continuous-bernoulli", "gaussian-learned-std", "conv-continuous-bernoulli"],
+)
+def test_every_arch_and_likelihood_exports_with_parity(options, tmp_path):
+    from vaepipe.elbo import cb_mean
+    from vaepipe.model import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[16], **options)).eval()
+    with torch.no_grad():  # push some logits far from 0, where the likelihoods' means differ
+        vae.decoder.net[-1].bias.add_(torch.linspace(-6, 6, vae.decoder.net[-1].bias.numel()))
+    paths = export.export_models(vae, tmp_path, opset=18, metadata={})
+    enc = runtime.open_session(paths["encoder"], "cpu")
+    dec = runtime.open_session(paths["decoder"], "cpu")
+    assert max(export.parity(vae, enc, dec).values()) < 1e-5
+    z = torch.randn(64, 3)
+    (x_mean,) = dec.run({"z": z.numpy()})
+    with torch.no_grad():
+        logits = vae.decode(z)
+    if options.get("likelihood") == "continuous_bernoulli":
+        # x_mean is the continuous Bernoulli's mean, not the sigmoid of its parameter
+        np.testing.assert_allclose(x_mean, cb_mean(logits).numpy(), atol=1e-5)
+        assert np.abs(x_mean - torch.sigmoid(logits).numpy()).max() > 0.05
+    else:
+        np.testing.assert_allclose(x_mean, torch.sigmoid(logits).numpy(), atol=1e-5)
+    meta = {p.key: p.value for p in onnx.load(str(paths["decoder"])).metadata_props}
+    assert meta["likelihood"] == options.get("likelihood", "bernoulli")

@@ -9,6 +9,7 @@ import torch
 from _project import PER_EPOCH_METRICS
 
 from vaepipe.config import TrainConfig
+from vaepipe.distributed import Step
 from vaepipe.model import VAE, VAEConfig
 from vaepipe.train import TrainingDiverged, fit
 
@@ -50,10 +51,30 @@ def test_same_seed_same_weights_on_cpu():
     assert torch.equal(weights(a), weights(b))
 
 
-@pytest.mark.parametrize("binarization", ["dynamic", "static"])
-def test_resume_after_interrupt_reaches_identical_weights(binarization):
+@pytest.mark.parametrize(
+    "binarization, options",
+    [
+        ("dynamic", {}),
+        ("static", {}),
+        # the IWAE objective, a cosine lr and the best-epoch book-keeping resume exactly too
+        ("dynamic", {"objective": "iwae", "iwae_k": 3, "lr_schedule": "cosine", "lr_min": 1e-5}),
+        # KL warm-up mid-ramp, free bits, a plateau lr with patience 1 and early stopping
+        (
+            "dynamic",
+            {
+                "warmup_epochs": 3,
+                "free_bits": 0.2,
+                "lr_schedule": "plateau",
+                "lr_patience": 1,
+                "early_stopping": 3,
+            },
+        ),
+    ],
+    ids=["dynamic", "static", "iwae-cosine", "warmup-freebits-plateau"],
+)
+def test_resume_after_interrupt_reaches_identical_weights(binarization, options):
     x, xv = data()
-    cfg = TrainConfig(epochs=4, batch_size=32)
+    cfg = TrainConfig(epochs=4, batch_size=32, **options)
     ref = fresh()
     ref_hist = fit(ref, x, xv, cfg, binarization, progress=False)
 
@@ -67,16 +88,16 @@ def test_resume_after_interrupt_reaches_identical_weights(binarization):
     steps_per_epoch = -(-len(x) // cfg.batch_size)
     target = 2 * steps_per_epoch + 3
 
-    original_fwd = VAE.forward
+    original_fwd = Step.forward
 
-    def counting_forward(self, xb):
+    def counting_forward(self, xb, eps):
         calls["n"] += 1
         if calls["n"] == target:
             os.kill(os.getpid(), signal.SIGINT)  # taken by the loop at the next safe point
-        return original_fwd(self, xb)
+        return original_fwd(self, xb, eps)
 
     interrupted = fresh()
-    VAE.forward = counting_forward
+    Step.forward = counting_forward
     try:
         with pytest.raises(KeyboardInterrupt):
             fit(
@@ -89,7 +110,7 @@ def test_resume_after_interrupt_reaches_identical_weights(binarization):
                 progress=False,
             )
     finally:
-        VAE.forward = original_fwd
+        Step.forward = original_fwd
     state = saved[-1]
     assert state["epoch"] == 2 and 0 < state["batch"] < steps_per_epoch
 
@@ -97,6 +118,9 @@ def test_resume_after_interrupt_reaches_identical_weights(binarization):
     hist = fit(resumed, x, xv, cfg, binarization, resume=state, progress=False)
     assert torch.equal(weights(resumed), weights(ref))
     assert [h.val for h in hist] == [h.val for h in ref_hist]
+    assert [(h.lr, h.beta, h.best_epoch) for h in hist] == [
+        (h.lr, h.beta, h.best_epoch) for h in ref_hist
+    ]
 
 
 def test_nan_loss_stops_with_epoch_and_batch_named():

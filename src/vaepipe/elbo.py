@@ -57,8 +57,8 @@ def cb_log_norm(eta: torch.Tensor) -> torch.Tensor:
     safe = torch.where(small, torch.ones_like(eta), eta)  # no log(0) feeding a NaN gradient
     a = safe.abs()
     exact = torch.log(a) - safe.clamp_min(0) - torch.log(-torch.expm1(-a))
-    e2 = eta * eta
-    series = -eta / 2 + e2 / 24 - e2 * e2 / 2880
+    e2 = eta * eta  # log C = -eta/2 + log(s / sinh s), s = eta/2, expanded in s
+    series = -eta / 2 - e2 / 24 + e2 * e2 / 2880 - e2 * e2 * e2 / 90720
     return torch.where(small, series, exact)
 
 
@@ -66,7 +66,9 @@ def cb_mean(eta: torch.Tensor) -> torch.Tensor:
     """E[x] of the continuous Bernoulli with natural parameter eta: 1/(1 - e^-eta) - 1/eta."""
     small = eta.abs() < _CB_TAYLOR
     safe = torch.where(small, torch.ones_like(eta), eta)
-    exact = -1.0 / torch.expm1(-safe) - 1.0 / safe
+    a = safe.abs()  # mean(-eta) = 1 - mean(eta): only e^-|eta| is ever formed, no overflow
+    upper = -1.0 / torch.expm1(-a) - 1.0 / a
+    exact = torch.where(safe > 0, upper, 1.0 - upper)
     e2 = eta * eta
     series = 0.5 + eta / 12 - eta * e2 / 720 + eta * e2 * e2 / 30240
     return torch.where(small, series, exact)
