@@ -1,0 +1,120 @@
+"""The README results table, from the DVC experiments of this repo and their MLflow runs.
+
+Run the rows as `dvc exp run --queue -n NAME -S ...` (the commands are in README, Results),
+`dvc queue start -j 1` (one at a time, so the training times are those of the whole machine),
+then print the table in Markdown:
+
+    python benchmarks/results_table.py                 # every experiment of the HEAD commit
+    python benchmarks/results_table.py --names mlp-elbo conv-elbo
+
+Each row names its experiment and the params it changes from params.yaml, so `dvc exp run`
+with those `-S` flags reproduces it. Training seconds come from the MLflow run (train_seconds;
+wall time is kept out of DVC outputs), with the machine's core count beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vaepipe import tracking  # noqa: E402
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _params(rev: dict) -> dict:
+    return _flatten(rev["data"]["params"]["params.yaml"]["data"])
+
+
+def _metrics(rev: dict, name: str) -> dict:
+    return rev["data"]["metrics"].get(f"metrics/{name}", {}).get("data", {})
+
+
+def experiments(names: list[str] | None) -> tuple[dict, list[tuple[str, dict, dict, dict]]]:
+    """(baseline params, [(name, changed params, train.json, evaluate.json)])."""
+    shown = json.loads(
+        subprocess.run(
+            ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    head = next(c for c in shown if c["rev"] != "workspace")
+    base = _params(head)
+    rows = []
+    for exp in head.get("experiments") or []:
+        rev = exp["revs"][0]
+        name = rev.get("name") or exp.get("name")
+        if rev.get("error") or not rev.get("data") or (names and name not in names):
+            continue
+        ev = _metrics(rev, "evaluate.json")
+        if "test/nll_iwae" not in ev:
+            continue
+        params = _params(rev)
+        changed = {k: v for k, v in params.items() if base.get(k) != v}
+        rows.append((name, changed, _metrics(rev, "train.json"), ev))
+    if names:
+        rows.sort(key=lambda r: names.index(r[0]))
+    return base, rows
+
+
+def train_seconds(run_id: str) -> float | None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    except Exception:  # a run from another store: leave the cell empty
+        return None
+    return run.data.metrics.get("train_seconds")
+
+
+def table(rows) -> str:
+    lines = [
+        "| experiment | params (`-S`) | epochs (best) | train min | NLL (IWAE) | ELBO "
+        "| active | probe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, changed, train, ev in rows:
+        shown = {k: v for k, v in changed.items() if not k.startswith("evaluate.")}
+        flags = " ".join(f"`{k}={json.dumps(v).replace(' ', '')}`" for k, v in shown.items())
+        secs = train_seconds(train.get("run_id", ""))
+        nll = (
+            f"{ev['test/nll_iwae']:.2f} ± {ev['test/nll_iwae_stderr']:.2f} "
+            f"(k={ev['iwae_k']}, n={ev.get('iwae_n', ev['n_test'])})"
+        )
+        probe = ev.get("test/probe_accuracy")
+        lines.append(
+            f"| {name} | {flags or '(defaults)'} | {train.get('epochs')} "
+            f"({train.get('best_epoch', train.get('epochs'))}) "
+            f"| {'' if secs is None else f'{secs / 60:.1f}'} | {nll} | {ev['test/elbo']:.2f} "
+            f"| {ev['test/active_units']} | {'' if probe is None else f'{probe:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--names", nargs="*", help="experiments to show, in this order")
+    args = ap.parse_args()
+    _, rows = experiments(args.names)
+    if not rows:
+        sys.exit("error: no finished DVC experiment with metrics/evaluate.json on this commit")
+    print(f"{os.cpu_count()} CPU cores; NLL in nats on the first n test images\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
