@@ -5,6 +5,7 @@ sums their gradients, so the weights match one process up to float summation ord
 atol 1e-5 on every weight after 3 epochs (the largest difference seen is 3e-8).
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -40,11 +41,12 @@ def tiny_data():
     return x[:N_TRAIN], x[N_TRAIN:]
 
 
-def train_tiny(group=distributed.SINGLE, interrupt_at: int = 0, resume=None):
+def train_tiny(group=distributed.SINGLE, interrupt_at: int = 0, resume=None, options=None):
     """fit on the tiny set; rank 0 keeps every checkpoint. interrupt_at: this rank sends
     itself SIGINT in that encoder call (1-based; training steps and one validation pass an
     epoch), as a signal to one rank only would."""
-    set_threads(TRAIN.threads)
+    cfg = dataclasses.replace(TRAIN, **(options or {}))
+    set_threads(cfg.threads)
     x, x_val = tiny_data()
     torch.manual_seed(0)
     vae = VAE(CFG)
@@ -63,7 +65,7 @@ def train_tiny(group=distributed.SINGLE, interrupt_at: int = 0, resume=None):
             vae,
             x,
             x_val,
-            TRAIN,
+            cfg,
             "dynamic",
             on_checkpoint=saved.append if group.is_main else None,
             resume=resume,
@@ -76,15 +78,16 @@ def train_tiny(group=distributed.SINGLE, interrupt_at: int = 0, resume=None):
 
 
 WORKER = """
-import sys, torch
+import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_distributed import train_tiny
 from vaepipe import distributed
 
 interrupt_rank, interrupt_at, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+options = json.loads(sys.argv[4])
 with distributed.session(torch.device("cpu")) as (group, device):
     at = interrupt_at if group.rank == interrupt_rank else 0
-    vae, history, saved = train_tiny(group, interrupt_at=at)
+    vae, history, saved = train_tiny(group, interrupt_at=at, options=options)
     if group.is_main:
         torch.save({{
             "weights": vae.state_dict(),
@@ -110,11 +113,14 @@ def torchrun(tmp_path: Path, *args: str, cwd: Path | None = None, check: bool = 
     return proc
 
 
-def run_worker(tmp_path: Path, interrupt_rank: int = -1, interrupt_at: int = 0) -> dict:
+def run_worker(
+    tmp_path: Path, interrupt_rank: int = -1, interrupt_at: int = 0, options=None
+) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(TESTS)))
     out = tmp_path / "out.pt"
-    torchrun(tmp_path, str(script), str(interrupt_rank), str(interrupt_at), str(out))
+    opts = json.dumps(options or {})
+    torchrun(tmp_path, str(script), str(interrupt_rank), str(interrupt_at), str(out), opts)
     return torch.load(out, weights_only=True)
 
 
@@ -123,9 +129,15 @@ def assert_weights_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], atol=ATOL, rtol=0, msg=name)
 
 
-def test_two_processes_match_one_process(tmp_path):
-    two = run_worker(tmp_path)
-    one, history, _ = train_tiny()
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"objective": "iwae", "iwae_k": 3, "lr_schedule": "cosine", "lr_min": 1e-5}],
+    ids=["elbo", "iwae-cosine"],
+)
+def test_two_processes_match_one_process(tmp_path, options):
+    # iwae: eps [k, B, D] is split along the batch axis; rank 1's last slice is empty
+    two = run_worker(tmp_path, options=options)
+    one, history, _ = train_tiny(options=options)
     assert_weights_close(two["weights"], one.state_dict())
     for h2, h1 in zip(two["val"], [h.val for h in history], strict=True):
         assert h2 == pytest.approx(h1, abs=1e-4)
