@@ -69,3 +69,14 @@ def make_project(repo: Path, **overrides) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "init")
     return repo
+
+
+def proto_data(n: int = 600, seed: int = 0):
+    """(train, val) float images [N, 1, 8, 8]: noisy copies of 4 random prototypes, val the
+    last 100: a tiny set a VAE learns in a few epochs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(4, 1, 8, 8, generator=g)
+    x = protos[torch.randint(0, 4, (n,), generator=g)] * 0.9 + 0.05
+    return x[: n - 100], x[n - 100 :]

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _project import proto_data
 from torch.distributions import ContinuousBernoulli, Normal
 
 from vaepipe import elbo
@@ -128,7 +129,7 @@ def test_learned_sigma_starts_at_gaussian_sigma_never_drops_below_the_floor_and_
     ).all()
     # On data far less noisy than sigma = 0.3 the learned std shrinks and the ELBO improves
     # beyond what the fixed std allows.
-    x, xv = _protos()
+    x, xv = proto_data()
     torch.manual_seed(0)
     learned = VAE(cfg)
     tcfg = TrainConfig(epochs=8, batch_size=50, lr=1e-2)
@@ -156,7 +157,7 @@ def test_conv_vae_maps_any_image_size_back_to_itself(shape):
 
 
 def test_conv_vae_learns():
-    x, xv = _protos()
+    x, xv = proto_data()
     torch.manual_seed(0)
     vae = VAE(
         VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32], arch="conv", channels=[8, 16])
@@ -201,7 +202,7 @@ def test_iwae_objective_with_one_sample_is_the_elbo_and_with_more_is_tighter(tin
 
 
 def test_iwae_training_logs_the_validation_bound_and_keeps_it_above_the_elbo():
-    x, xv = _protos()
+    x, xv = proto_data()
     torch.manual_seed(0)
     vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32]))
     cfg = TrainConfig(epochs=4, batch_size=50, objective="iwae", iwae_k=10)
@@ -220,7 +221,7 @@ def test_kl_warmup_ramps_linearly_per_step_and_is_logged_per_epoch():
     assert kl_weight(cfg, 19, 10) == pytest.approx(1.0)
     assert kl_weight(cfg, 39, 10) == kl_weight(cfg, 500, 10) == 2.0
     assert kl_weight(TrainConfig(beta=0.5), 0, 10) == 0.5
-    x, xv = _protos()
+    x, xv = proto_data()
     hist = fit(
         _mlp(),
         x,
@@ -250,7 +251,7 @@ def test_free_bits_charge_each_dim_at_least_the_floor_and_leave_the_elbo_true():
 
 
 def test_free_bits_keep_more_latent_dims_in_use():
-    x, xv = _protos(n=1200)
+    x, xv = proto_data(n=1200)
     hists = {}
     for fb in (0.0, 1.0):
         torch.manual_seed(0)
@@ -275,7 +276,7 @@ def test_cosine_lr_goes_from_lr_to_lr_min_and_is_logged():
     assert cosine_lr(cfg, 0) == pytest.approx(1e-3)
     assert cosine_lr(cfg, 2) == pytest.approx((1e-3 + 1e-5) / 2)
     assert cosine_lr(cfg, 4) == pytest.approx(1e-5)
-    x, xv = _protos()
+    x, xv = proto_data()
     hist = fit(_mlp(), x, xv, cfg, "dynamic", progress=False)
     assert [h.lr for h in hist] == pytest.approx([cosine_lr(cfg, e) for e in range(4)])
 
@@ -303,7 +304,7 @@ def test_plateau_cuts_lr_and_early_stopping_stops_on_the_validation_objective():
 def test_early_stopping_ends_training_and_hands_back_the_best_epoch():
     # Validation images the training data never shows (inverted prototypes): the model gets
     # worse on them as it fits the training set, so its best epoch is an early one.
-    x, _ = _protos(n=1200)
+    x, _ = proto_data(n=1200)
     xv = 1.0 - x[:200]
     torch.manual_seed(0)
     vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32], likelihood="gaussian"))
@@ -319,13 +320,6 @@ def test_early_stopping_ends_training_and_hands_back_the_best_epoch():
 
 
 # --- helpers ---
-
-
-def _protos(n=600, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.rand(4, 1, 8, 8, generator=g)
-    x = protos[torch.randint(0, 4, (n,), generator=g)] * 0.9 + 0.05
-    return x[: n - 100], x[n - 100 :]
 
 
 def _mlp():

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from _project import PER_EPOCH_METRICS
+from _project import PER_EPOCH_METRICS, proto_data
 
 from vaepipe.config import TrainConfig
 from vaepipe.distributed import Step
@@ -16,11 +16,7 @@ from vaepipe.train import TrainingDiverged, fit
 CFG = VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
 
 
-def data(n=600, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.rand(4, 1, 8, 8, generator=g)
-    x = protos[torch.randint(0, 4, (n,), generator=g)] * 0.9 + 0.05
-    return x[: n - 100], x[n - 100 :]
+data = proto_data
 
 
 def fresh():

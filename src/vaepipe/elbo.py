@@ -135,8 +135,7 @@ def iwae_terms(
     minus the batch mean of log (1/K) sum_k w_k; recon and elbo are the K-sample averages of the
     single-sample terms (unbiased ELBO estimates), kl the closed form."""
     log_px_z = -recon_nll(x, logits, likelihood, sigma)  # [K, B]
-    log_w = log_px_z + log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
-    log_w = log_w - log_normal_diag(z, mu, logvar)
+    log_w = _log_weights(log_px_z, z, mu, logvar)
     recon = -log_px_z.mean()
     kl_d = kl_per_dim(mu, logvar).mean(0)
     kl = kl_d.sum()
@@ -160,10 +159,12 @@ def iwae_log_weights(
     sigma: float | torch.Tensor = 0.1,
 ) -> torch.Tensor:
     """log p(x|z) + log p(z) - log q(z|x) for z [K, B, D], logits [K, B, C, H, W]: [K, B]."""
-    log_px_z = -recon_nll(x, logits, likelihood, sigma)
+    return _log_weights(-recon_nll(x, logits, likelihood, sigma), z, mu, logvar)
+
+
+def _log_weights(log_px_z, z, mu, logvar) -> torch.Tensor:
     log_pz = log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
-    log_qz_x = log_normal_diag(z, mu, logvar)
-    return log_px_z + log_pz - log_qz_x
+    return log_px_z + log_pz - log_normal_diag(z, mu, logvar)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
