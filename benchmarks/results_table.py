@@ -65,6 +65,8 @@ def experiments(names: list[str] | None) -> tuple[dict, list[tuple[str, dict, di
             continue
         params = _params(rev)
         changed = {k: v for k, v in params.items() if base.get(k) != v}
+        if params.get("train.objective") == "iwae":  # k is the point of the row: show it
+            changed.setdefault("train.iwae_k", params["train.iwae_k"])
         rows.append((name, changed, _metrics(rev, "train.json"), ev))
     if names:
         rows.sort(key=lambda r: names.index(r[0]))
@@ -81,6 +83,11 @@ def train_seconds(run_id: str) -> float | None:
     return run.data.metrics.get("train_seconds")
 
 
+def _value(v) -> str:
+    """As one writes it after -S: strings bare, lists without spaces."""
+    return v if isinstance(v, str) else json.dumps(v).replace(" ", "")
+
+
 def table(rows) -> str:
     lines = [
         "| experiment | params (`-S`) | epochs (best) | train min | NLL (IWAE) | ELBO "
@@ -89,7 +96,7 @@ def table(rows) -> str:
     ]
     for name, changed, train, ev in rows:
         shown = {k: v for k, v in changed.items() if not k.startswith("evaluate.")}
-        flags = " ".join(f"`{k}={json.dumps(v).replace(' ', '')}`" for k, v in shown.items())
+        flags = " ".join(f"`{k}={_value(v)}`" for k, v in shown.items())
         secs = train_seconds(train.get("run_id", ""))
         nll = (
             f"{ev['test/nll_iwae']:.2f} ± {ev['test/nll_iwae_stderr']:.2f} "

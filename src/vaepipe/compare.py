@@ -12,7 +12,15 @@ from pathlib import Path
 
 from vaepipe.errors import VaepipeError
 
-DEFAULT_PARAMS = ("model.latent_dim", "model.hidden", "train.beta", "train.epochs", "train.lr")
+DEFAULT_PARAMS = (
+    "model.arch",
+    "model.latent_dim",
+    "model.hidden",
+    "train.objective",
+    "train.beta",
+    "train.epochs",
+    "train.lr",
+)
 PLOT_METRICS = ("test/nll_iwae", "test/active_units", "test/probe_accuracy")
 DEFAULT_METRICS = (
     "test/nll_iwae",
