@@ -116,3 +116,25 @@ def test_every_issue_9_option_is_reachable_together():
     assert p.model.arch == "conv" and p.train.free_bits == 0.25 and p.evaluate.iwae_n == 1000
     q = config.from_dict({"train": {"objective": "iwae", "iwae_k": 50, "lr_schedule": "cosine"}})
     assert q.train.iwae_k == 50
+
+
+@pytest.mark.parametrize(
+    "train, key, value",
+    [
+        ({"lr_min": "1e-5", "lr_schedule": "cosine"}, "lr_min", 1e-5),
+        ({"lr": "3E-4"}, "lr", 3e-4),
+        ({"free_bits": "+2.5e-1"}, "free_bits", 0.25),
+    ],
+)
+def test_exponent_floats_that_yaml_reads_as_strings_are_numbers(train, key, value):
+    # YAML 1.1 (PyYAML, and so `dvc exp run -S train.lr_min=1e-5`) reads 1e-5 as a string
+    assert getattr(config.from_dict({"train": train}).train, key) == value
+    with pytest.raises(ConfigError, match="'train.free_bits' = -0.25 is out of range"):
+        config.from_dict({"train": {"free_bits": "-2.5e-1"}})
+
+
+def test_words_stay_wrong_for_number_params():
+    with pytest.raises(ConfigError, match="'train.lr' = 'fast' must be a number"):
+        config.from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="'train.lr' = 'nan' must be a number"):
+        config.from_dict({"train": {"lr": "nan"}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,9 @@ def _unknown(key: str, allowed: list[str]) -> ConfigError:
     return ConfigError(f"unknown param '{key}'{hint}")
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     kind = type(f.default) if f.default is not dataclasses.MISSING else list
     if kind is bool:
@@ -152,6 +156,9 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"param '{key}' = {_show(value)} must be an integer")
     elif kind is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # YAML 1.1 reads 1e-5 (no dot) as a string: `-S train.lr_min=1e-5` means a number
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"param '{key}' = {_show(value)} must be a number")
         try:
