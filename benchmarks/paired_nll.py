@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from evaluate import load_test  # noqa: E402
 
 from vaepipe import checkpoint, metrics  # noqa: E402
+from vaepipe.errors import exit_on_user_error  # noqa: E402
 
 
 def per_image_nll(model: Path, k: int, n: int, seed: int) -> torch.Tensor:
@@ -34,6 +35,7 @@ def per_image_nll(model: Path, k: int, n: int, seed: int) -> torch.Tensor:
     return -metrics.iwae_log_likelihood(vae, inp.x[:n], k, seed=seed).double()
 
 
+@exit_on_user_error
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+", type=Path, help="models/vae.pt files; the first is B")

@@ -13,9 +13,12 @@ pytestmark = pytest.mark.slow
 
 
 def _history(repo, key):
+    """Every value of a metric, runs in the order they started."""
     db = sqlite3.connect(repo / "mlruns" / "mlflow.db")
     rows = db.execute(
-        "SELECT step, value FROM metrics WHERE key=? ORDER BY run_uuid, step", (key,)
+        "SELECT m.step, m.value FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+        "WHERE m.key=? ORDER BY r.start_time, m.step",
+        (key,),
     ).fetchall()
     return [v for _, v in rows]
 
@@ -77,18 +80,16 @@ def test_iwae_objective_with_cosine_lr_and_a_continuous_bernoulli_exp(tmp_path):
     train = _json(repo, "train.json")
     assert train["val/iwae"] > train["val/elbo"]
     # one param switch away: a continuous Bernoulli on grey pixels, as a DVC experiment
-    sh(
-        repo,
-        "dvc",
-        "exp",
-        "run",
-        "-S",
+    flags = [
         "model.likelihood=continuous_bernoulli",
-        "-S",
         "data.binarize=none",
-        "-S",
         "train.objective=elbo",
-    )
+        "train.lr_min=0.00001",  # DVC writes 1e-05, which YAML 1.1 reads back as a string
+    ]
+    sh(repo, "dvc", "exp", "run", *[a for f in flags for a in ("-S", f)])
+    assert "lr_min: 1e-05" in (repo / "params.yaml").read_text()
+    lrs = _history(repo, "lr")  # both runs' epochs: the exp's cosine ends above its floor
+    assert lrs[-1] > 1e-5 and lrs[-1] < lrs[-2]
     ev = _json(repo, "evaluate.json")
     assert np.isfinite(ev["test/nll_iwae"]) and ev["test/elbo"] <= -ev["test/nll_iwae"] + 1e-6
     dec = ort.InferenceSession(
