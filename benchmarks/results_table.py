@@ -45,8 +45,8 @@ def _metrics(rev: dict, name: str) -> dict:
     return rev["data"]["metrics"].get(f"metrics/{name}", {}).get("data", {})
 
 
-def experiments(names: list[str] | None) -> tuple[dict, list[tuple[str, dict, dict, dict]]]:
-    """(baseline params, [(name, changed params, train.json, evaluate.json)])."""
+def experiments(names: list[str] | None) -> list[tuple[str, dict, dict, dict]]:
+    """[(name, params changed from the commit's, train.json, evaluate.json)]."""
     shown = json.loads(
         subprocess.run(
             ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
@@ -70,7 +70,7 @@ def experiments(names: list[str] | None) -> tuple[dict, list[tuple[str, dict, di
         rows.append((name, changed, _metrics(rev, "train.json"), ev))
     if names:
         rows.sort(key=lambda r: names.index(r[0]))
-    return base, rows
+    return rows
 
 
 def train_seconds(run_id: str) -> float | None:
@@ -116,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--names", nargs="*", help="experiments to show, in this order")
     args = ap.parse_args()
-    _, rows = experiments(args.names)
+    rows = experiments(args.names)
     if not rows:
         sys.exit("error: no finished DVC experiment with metrics/evaluate.json on this commit")
     print(f"{os.cpu_count()} CPU cores; NLL in nats on the first n test images\n")

@@ -69,10 +69,11 @@ def likelihood(vae: VAE, inp: Inputs, ev: config.EvaluateConfig) -> tuple[dict, 
     elbo, kl_d = metrics.evaluate_elbo(vae, inp.x, batch_size=ev.batch_size, seed=ev.seed)
     # The IWAE bound on the first iwae_n test images (0 = all): k x n decoder passes, the
     # costliest figure here; the first 1,000 is the literature's usual subset.
-    n = ev.iwae_n or len(inp.x)
+    n = min(ev.iwae_n or len(inp.x), len(inp.x))
     log_px = metrics.iwae_log_likelihood(vae, inp.x[:n], ev.iwae_k, seed=ev.seed)
     nll, nll_se = metrics.mean_and_stderr(-log_px)
     return {
+        "iwae_n": n,
         "test/nll_iwae": nll,
         "test/nll_iwae_stderr": nll_se,
         "test/bits_per_dim": nll / (math.prod(vae.cfg.image_shape) * math.log(2)),
@@ -279,7 +280,6 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     results.update(
         iwae_k=ev.iwae_k,
-        iwae_n=min(ev.iwae_n or len(inp.x), len(inp.x)),
         n_test=len(inp.x),
         n_probe_train=len(mu_train),
         mutual_info_max=math.log(len(inp.x)),

@@ -92,7 +92,6 @@ class _Loop:
             4, device=device, dtype=torch.float64
         )  # n * (loss, recon, kl, elbo)
         self.history: list[EpochStats] = []
-        self.steps_per_epoch = 1
         # the best validation objective so far, its epoch and weights (kept as the model)
         self.best_score = -float("inf")
         self.best_epoch = 0
@@ -257,9 +256,9 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float):
     x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
     logits, z, mu, logvar = loop.model(x_local, distributed.local_slice(eps, group, dim=-2))
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
-        zero = logits.sum() + mu.sum() + logvar.sum()  # 0, and a zero gradient for every weight
-        if hasattr(vae, "raw_sigma"):
-            zero = zero + 0 * vae.raw_sigma.sum()
+        # 0, and a zero gradient for every weight (a learned sigma too, used outside forward)
+        zero = logits.sum() + mu.sum() + logvar.sum()
+        zero = zero + sum(0 * p.sum() for p in vae.parameters())
         return zero, zero, loop.sums.new_zeros(4)
     if iwae:
         t = iwae_terms(x_local, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
