@@ -1,0 +1,82 @@
+"""What one training step costs per architecture and objective, side by side in one run.
+
+Times forward + backward + Adam on one batch of 128 binary 28x28 images for the MLP
+(784-512-256-32) and the conv VAE (channels 32, 64; dense 256) with the ELBO and the IWAE
+objective (k = 5, 50), and prints ms a step, seconds a Fashion-MNIST epoch (422 steps of
+54,000 images) and the ratio to the MLP ELBO step. The README's results section quotes these
+ratios: they say which rows fit a CPU budget.
+
+    python benchmarks/step_cost.py                  # all cores this process may use
+    python benchmarks/step_cost.py --threads 2 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from vaepipe.distributed import Step  # noqa: E402
+from vaepipe.elbo import elbo_terms, iwae_terms  # noqa: E402
+from vaepipe.model import VAE, VAEConfig  # noqa: E402
+
+STEPS_PER_EPOCH = 422  # ceil(54,000 / 128)
+CASES = [
+    ("mlp elbo", VAEConfig(), None),
+    ("mlp iwae k=5", VAEConfig(), 5),
+    ("mlp iwae k=50", VAEConfig(), 50),
+    ("conv elbo", VAEConfig(arch="conv", hidden=[256]), None),
+    ("conv iwae k=5", VAEConfig(arch="conv", hidden=[256]), 5),
+]
+
+
+def step_seconds(cfg: VAEConfig, k: int | None, steps: int, warmup: int = 3) -> float:
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    step = Step(vae)
+    opt = torch.optim.Adam(vae.parameters(), foreach=True)
+    x = torch.bernoulli(torch.rand(128, *cfg.image_shape))
+    shape = (k, 128, cfg.latent_dim) if k else (128, cfg.latent_dim)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        logits, z, mu, logvar = step(x, torch.randn(shape))
+        if k:
+            t = iwae_terms(x, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
+        else:
+            t = elbo_terms(x, logits, mu, logvar, cfg.likelihood, vae.sigma)
+        opt.zero_grad(set_to_none=True)
+        t.loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} threads, batch 128, {args.steps} steps a case"
+    )
+    base = None
+    for name, cfg, k in CASES:
+        s = step_seconds(cfg, k, args.steps)
+        base = base or s
+        print(
+            f"{name:14s} {s * 1e3:7.1f} ms/step  {s * STEPS_PER_EPOCH:6.1f} s/epoch  "
+            f"{s / base:5.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
