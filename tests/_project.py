@@ -1,5 +1,9 @@
-"""Helpers for tests that run the real pipeline: a temp git repo holding a copy of the project."""
+"""Helpers for the tests: the project's params as configs, and a temp git repo holding a copy of
+the project for tests that run the real pipeline."""
 
+import copy
+import dataclasses
+import functools
 import os
 import shutil
 import subprocess
@@ -7,6 +11,9 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from vaepipe import config
+from vaepipe.model import VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # The per-epoch MLflow metric names of DESIGN.md.
@@ -29,6 +36,51 @@ TINY = {
     "train.batch_size": 64,
     "evaluate.iwae_k": 8,
 }
+
+
+# --- params: params.yaml is the one source of defaults, in the tests too ------------------------
+
+
+@functools.cache
+def _params_yaml() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def params_dict(overrides=None):
+    """params.yaml's mapping with `overrides` ({section: {key: value}}) laid over it; anything
+    that is not a mapping replaces what it overrides, so bad shapes reach the validation."""
+
+    def merge(base, top):
+        if not isinstance(base, dict) or not isinstance(top, dict):
+            return copy.deepcopy(top)
+        out = copy.deepcopy(base)
+        for k, v in top.items():
+            out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+
+    return merge(_params_yaml(), {} if overrides is None else overrides)
+
+
+def params(**sections) -> config.Params:
+    """Validated Params: params.yaml with per-section overrides, e.g. params(train={...})."""
+    return config.from_dict(params_dict(sections))
+
+
+def train_cfg(**overrides) -> config.TrainConfig:
+    return dataclasses.replace(params().train, **overrides)
+
+
+def data_cfg(**overrides) -> config.DataConfig:
+    return dataclasses.replace(params().data, **overrides)
+
+
+def vae_cfg(image_shape=(1, 8, 8), **overrides) -> VAEConfig:
+    """params.yaml's model section (hidden, latent_dim, ... overridable) for images of
+    `image_shape`."""
+    return VAEConfig.from_params(image_shape, dataclasses.replace(params().model, **overrides))
+
+
+# --- a project copy ----------------------------------------------------------------------------
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -60,7 +112,8 @@ def make_project(repo: Path, **overrides) -> Path:
     """Copy the pipeline into `repo`, set tiny params, and commit it as a fresh git repo."""
     for name in ("pipeline", "src"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/raw/README.md"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")

@@ -5,13 +5,14 @@ import pathlib
 
 import pytest
 import torch
+from _project import train_cfg, vae_cfg
 
 from vaepipe import checkpoint
 from vaepipe.distributed import Step
 from vaepipe.errors import ModelFileError
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.model import VAE
 
-CFG = VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])
+CFG = vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])
 
 
 class Payload:
@@ -139,7 +140,7 @@ def test_model_file_with_mismatched_weights_is_named(tmp_path):
     path = tmp_path / "vae.pt"
     payload = {
         "model_config": CFG.to_dict(),
-        "state_dict": VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=5)).state_dict(),
+        "state_dict": VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=5)).state_dict(),
     }
     torch.save(payload, path)
     with pytest.raises(ModelFileError, match=r"vae.pt is not a valid vaepipe model file: .*size"):
@@ -167,13 +168,12 @@ def test_a_second_ctrl_c_mid_step_never_saves_a_half_step(monkeypatch):
     import os
     import signal
 
-    from vaepipe.config import TrainConfig
     from vaepipe.train import fit
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 8, 8, generator=g)[torch.randint(0, 4, (300,), generator=g)]
     x, xv = x[:250], x[250:]
-    cfg = TrainConfig(epochs=3, batch_size=25)
+    cfg = train_cfg(epochs=3, batch_size=25)
 
     def fresh():
         torch.manual_seed(0)

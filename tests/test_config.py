@@ -1,19 +1,51 @@
-from pathlib import Path
+import dataclasses
 
 import pytest
+import yaml
+from _project import ROOT, params_dict
 
 from vaepipe import config
 from vaepipe.errors import ConfigError
+from vaepipe.model import VAEConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def _leaf_keys(raw: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in raw.items():
+        full = f"{prefix}.{k}" if prefix else k
+        keys |= _leaf_keys(v, full) if isinstance(v, dict) else {full}
+    return keys
 
 
-def test_params_yaml_loads_and_flattens_with_its_own_keys():
+def test_params_yaml_is_the_one_source_of_every_key():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = config.load(ROOT / "params.yaml")
     flat = config.flatten(params)
-    assert flat["model.latent_dim"] == params.model.latent_dim
-    assert flat["data.dataset"] == "fashion-mnist"
-    assert all("." in k for k in flat)
+    assert set(flat) == _leaf_keys(raw)  # no key in code that params.yaml lacks, or back
+    for key in _leaf_keys(raw):
+        section, name = key.split(".")
+        assert flat[key] == raw[section][name], key
+    # the dataclasses hold no second copy of the numbers
+    for cls in config.SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+@pytest.mark.parametrize("key", ["train.epochs", "evaluate.batch_size", "model.hidden"])
+def test_a_key_missing_from_params_yaml_is_named(key):
+    raw = params_dict()
+    section, name = key.split(".")
+    del raw[section][name]
+    with pytest.raises(ConfigError, match=rf"param '{key}' is missing; params.yaml must set"):
+        config.from_dict(raw)
+
+
+def test_model_config_is_built_from_the_params_field_for_field():
+    model = config.load(ROOT / "params.yaml").model
+    cfg = VAEConfig.from_params((1, 28, 28), model)
+    fields = {f.name for f in dataclasses.fields(VAEConfig)}
+    assert fields == {"image_shape"} | {f.name for f in dataclasses.fields(config.ModelConfig)}
+    assert cfg.to_dict() == {"image_shape": [1, 28, 28], **dataclasses.asdict(model)}
 
 
 @pytest.mark.parametrize(
@@ -74,7 +106,7 @@ def test_params_yaml_loads_and_flattens_with_its_own_keys():
 )
 def test_bad_params_name_key_value_and_allowed(raw, message):
     with pytest.raises(ConfigError, match=None) as e:
-        config.from_dict(raw)
+        config.from_dict(params_dict(raw))
     assert message in str(e.value)
 
 
@@ -88,33 +120,39 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 
 def test_gaussian_with_grey_pixels_is_valid():
-    p = config.from_dict({"model": {"likelihood": "gaussian"}, "data": {"binarize": "none"}})
+    p = config.from_dict(
+        params_dict({"model": {"likelihood": "gaussian"}, "data": {"binarize": "none"}})
+    )
     assert p.model.likelihood == "gaussian" and p.train.lr == 1e-3
 
 
 def test_every_issue_9_option_is_reachable_together():
     p = config.from_dict(
-        {
-            "data": {"binarize": "none"},
-            "model": {
-                "arch": "conv",
-                "channels": [16, 32],
-                "likelihood": "gaussian",
-                "learn_sigma": True,
-                "min_sigma": 0.02,
-            },
-            "train": {
-                "warmup_epochs": 3,
-                "free_bits": 0.25,
-                "lr_schedule": "plateau",
-                "lr_min": 1e-5,
-                "early_stopping": 5,
-            },
-            "evaluate": {"iwae_n": 1000},
-        }
+        params_dict(
+            {
+                "data": {"binarize": "none"},
+                "model": {
+                    "arch": "conv",
+                    "channels": [16, 32],
+                    "likelihood": "gaussian",
+                    "learn_sigma": True,
+                    "min_sigma": 0.02,
+                },
+                "train": {
+                    "warmup_epochs": 3,
+                    "free_bits": 0.25,
+                    "lr_schedule": "plateau",
+                    "lr_min": 1e-5,
+                    "early_stopping": 5,
+                },
+                "evaluate": {"iwae_n": 1000},
+            }
+        )
     )
     assert p.model.arch == "conv" and p.train.free_bits == 0.25 and p.evaluate.iwae_n == 1000
-    q = config.from_dict({"train": {"objective": "iwae", "iwae_k": 50, "lr_schedule": "cosine"}})
+    q = config.from_dict(
+        params_dict({"train": {"objective": "iwae", "iwae_k": 50, "lr_schedule": "cosine"}})
+    )
     assert q.train.iwae_k == 50
 
 
@@ -128,13 +166,13 @@ def test_every_issue_9_option_is_reachable_together():
 )
 def test_exponent_floats_that_yaml_reads_as_strings_are_numbers(train, key, value):
     # YAML 1.1 (PyYAML, and so `dvc exp run -S train.lr_min=1e-5`) reads 1e-5 as a string
-    assert getattr(config.from_dict({"train": train}).train, key) == value
+    assert getattr(config.from_dict(params_dict({"train": train})).train, key) == value
     with pytest.raises(ConfigError, match="'train.free_bits' = -0.25 is out of range"):
-        config.from_dict({"train": {"free_bits": "-2.5e-1"}})
+        config.from_dict(params_dict({"train": {"free_bits": "-2.5e-1"}}))
 
 
 def test_words_stay_wrong_for_number_params():
     with pytest.raises(ConfigError, match="'train.lr' = 'fast' must be a number"):
-        config.from_dict({"train": {"lr": "fast"}})
+        config.from_dict(params_dict({"train": {"lr": "fast"}}))
     with pytest.raises(ConfigError, match="'train.lr' = 'nan' must be a number"):
-        config.from_dict({"train": {"lr": "nan"}})
+        config.from_dict(params_dict({"train": {"lr": "nan"}}))

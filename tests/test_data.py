@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _project import data_cfg
 
 from vaepipe import data
-from vaepipe.config import DataConfig
 from vaepipe.errors import DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -40,7 +40,7 @@ def no_system_datasets(monkeypatch, tmp_path):
 
 def test_mnist_from_data_root_keeps_official_test_split(tmp_path, no_system_datasets):
     arrays = write_idx_set(tmp_path / "mnist")
-    cfg = DataConfig(dataset="mnist", root=str(tmp_path), download=False, val_fraction=0.2)
+    cfg = data_cfg(dataset="mnist", root=str(tmp_path), download=False, val_fraction=0.2)
     splits = data.prepare_splits(cfg)
     assert splits["train"].x.shape == (40, 1, 28, 28) and splits["val"].x.shape == (10, 1, 28, 28)
     np.testing.assert_array_equal(splits["test"].x[:, 0], arrays["x_test"])
@@ -53,7 +53,7 @@ def test_mnist_from_data_root_keeps_official_test_split(tmp_path, no_system_data
 
 
 def test_missing_dataset_names_all_three_ways(tmp_path, no_system_datasets):
-    cfg = DataConfig(dataset="mnist", root=str(tmp_path), download=False)
+    cfg = data_cfg(dataset="mnist", root=str(tmp_path), download=False)
     with pytest.raises(DataError) as e:
         data.load_source(cfg)
     msg = str(e.value)
@@ -61,7 +61,7 @@ def test_missing_dataset_names_all_three_ways(tmp_path, no_system_datasets):
 
 
 def test_offline_download_failure_is_clear(tmp_path, no_system_datasets):
-    cfg = DataConfig(dataset="mnist", root=str(tmp_path), mirror="http://127.0.0.1:9/")
+    cfg = data_cfg(dataset="mnist", root=str(tmp_path), mirror="http://127.0.0.1:9/")
     with pytest.raises(DataError, match="download failed"):
         data.load_source(cfg)
     assert not list((tmp_path / "mnist").glob("*.gz"))  # nothing half-written
@@ -117,7 +117,7 @@ def test_download_verifies_sha256_and_keeps_good_files(
     }
     monkeypatch.setitem(data.SHA256, "mnist", digests)
     root = tmp_path / "raw"
-    cfg = DataConfig(dataset="mnist", root=str(root), mirror=url)
+    cfg = data_cfg(dataset="mnist", root=str(root), mirror=url)
     train, test = data.load_source(cfg)
     np.testing.assert_array_equal(train.x[:, 0], arrays["x_train"])
     assert sorted(p.name for p in (root / "mnist").iterdir()) == sorted(data.IDX_FILES.values())
@@ -137,14 +137,14 @@ def test_real_fashion_mnist_download_from_local_mirror(tmp_path, http_dir, no_sy
     served, url = http_dir
     for f in data.IDX_FILES.values():
         (served / f).write_bytes((FASHION / f).read_bytes())
-    cfg = DataConfig(dataset="fashion-mnist", root=str(tmp_path / "raw"), mirror=url)
+    cfg = data_cfg(dataset="fashion-mnist", root=str(tmp_path / "raw"), mirror=url)
     train, test = data.load_source(cfg)  # passes the published-content SHA-256 check
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert train.y.max() == 9 and test.x.dtype == np.uint8
 
 
 def test_digits_source_is_offline_and_scaled():
-    train, test = data.load_source(DataConfig(dataset="digits"))
+    train, test = data.load_source(data_cfg(dataset="digits"))
     assert train.x.shape[1:] == (1, 8, 8) and len(train.x) + len(test.x) == 1797
     assert train.x.dtype == np.float32 and 0 <= train.x.min() and train.x.max() == 1.0
 
@@ -153,7 +153,7 @@ def test_npz_source_and_round_trip(tmp_path):
     x = np.random.default_rng(0).random((30, 6, 5), dtype=np.float32)
     y = np.arange(30) % 3
     np.savez(tmp_path / "mine.npz", x=x, y=y)
-    splits = data.prepare_splits(DataConfig(dataset="npz", npz_path=str(tmp_path / "mine.npz")))
+    splits = data.prepare_splits(data_cfg(dataset="npz", npz_path=str(tmp_path / "mine.npz")))
     assert splits["train"].x.shape[1:] == (1, 6, 5)
     data.save_split(tmp_path / "p" / "train.npz", splits["train"])
     back = data.load_split(tmp_path / "p" / "train.npz")
@@ -179,14 +179,14 @@ def test_bad_npz_names_file_and_problem(tmp_path, arrays, message):
     p = tmp_path / "bad.npz"
     np.savez(p, **arrays)
     with pytest.raises(DataError, match=message) as e:
-        data.load_source(DataConfig(dataset="npz", npz_path=str(p)))
+        data.load_source(data_cfg(dataset="npz", npz_path=str(p)))
     assert str(p) in str(e.value)
 
 
 def test_npz_missing_and_corrupt(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        data.load_source(DataConfig(dataset="npz", npz_path=str(tmp_path / "nope.npz")))
+        data.load_source(data_cfg(dataset="npz", npz_path=str(tmp_path / "nope.npz")))
     p = tmp_path / "corrupt.npz"
     p.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
-        data.load_source(DataConfig(dataset="npz", npz_path=str(p)))
+        data.load_source(data_cfg(dataset="npz", npz_path=str(p)))

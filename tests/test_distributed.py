@@ -16,21 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from _project import clean_env, make_project, sh
+from _project import clean_env, make_project, sh, train_cfg, vae_cfg
 
 from vaepipe import checkpoint, distributed
-from vaepipe.config import TrainConfig
-from vaepipe.model import VAE, VAEConfig
-from vaepipe.train import fit, set_threads
+from vaepipe.device import set_threads
+from vaepipe.model import VAE
+from vaepipe.train import fit
 
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
 ATOL = 1e-5
-CFG = VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
+CFG = vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
 # 393 = 8 * 49 + 1: batches of 49 split 25 / 24 between the ranks, and a last batch of one
 # example leaves rank 1 an empty slice.
-TRAIN = TrainConfig(epochs=3, batch_size=49, threads=1)
+TRAIN = train_cfg(epochs=3, batch_size=49, threads=1)
 N_TRAIN = 393
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _project import vae_cfg
 
 from vaepipe import export, runtime
 
@@ -74,10 +75,10 @@ def test_parity_check_notices_a_different_model(exported):
 )
 def test_every_arch_and_likelihood_exports_with_parity(options, tmp_path):
     from vaepipe.elbo import cb_mean
-    from vaepipe.model import VAE, VAEConfig
+    from vaepipe.model import VAE
 
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[16], **options)).eval()
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[16], **options)).eval()
     with torch.no_grad():  # push some logits far from 0, where the likelihoods' means differ
         vae.decoder.net[-1].bias.add_(torch.linspace(-6, 6, vae.decoder.net[-1].bias.numel()))
     paths = export.export_models(vae, tmp_path, opset=18, metadata={})

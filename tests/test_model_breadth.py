@@ -6,11 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from _project import proto_data
+from _project import proto_data, train_cfg, vae_cfg
 from torch.distributions import ContinuousBernoulli, Normal
 
 from vaepipe import elbo
-from vaepipe.config import TrainConfig
 from vaepipe.distributed import SINGLE, Step
 from vaepipe.metrics import evaluate_elbo
 from vaepipe.model import VAE, VAEConfig
@@ -85,9 +84,7 @@ def test_continuous_bernoulli_is_smooth_across_the_taylor_band_and_has_finite_gr
 
 def test_continuous_bernoulli_decoder_mean_is_not_the_sigmoid():
     vae = VAE(
-        VAEConfig(
-            image_shape=(1, 4, 4), latent_dim=2, hidden=[8], likelihood="continuous_bernoulli"
-        )
+        vae_cfg(image_shape=(1, 4, 4), latent_dim=2, hidden=[8], likelihood="continuous_bernoulli")
     )
     logits = torch.tensor([[-3.0, 0.0, 3.0]])
     mean = vae.mean(logits)
@@ -110,7 +107,7 @@ def test_gaussian_nll_is_the_normal_log_density_with_scalar_or_per_pixel_std():
 
 
 def test_learned_sigma_starts_at_gaussian_sigma_never_drops_below_the_floor_and_learns():
-    cfg = VAEConfig(
+    cfg = vae_cfg(
         image_shape=(1, 8, 8),
         latent_dim=3,
         hidden=[32],
@@ -132,7 +129,7 @@ def test_learned_sigma_starts_at_gaussian_sigma_never_drops_below_the_floor_and_
     x, xv = proto_data()
     torch.manual_seed(0)
     learned = VAE(cfg)
-    tcfg = TrainConfig(epochs=8, batch_size=50, lr=1e-2)
+    tcfg = train_cfg(epochs=8, batch_size=50, lr=1e-2)
     hist = fit(learned, x, xv, tcfg, "none", progress=False)
     torch.manual_seed(0)
     fixed = VAE(VAEConfig(**{**cfg.to_dict(), "image_shape": (1, 8, 8), "learn_sigma": False}))
@@ -146,7 +143,7 @@ def test_learned_sigma_starts_at_gaussian_sigma_never_drops_below_the_floor_and_
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 9, 7), (1, 5, 5)])
 def test_conv_vae_maps_any_image_size_back_to_itself(shape):
-    cfg = VAEConfig(image_shape=shape, latent_dim=4, hidden=[16], arch="conv", channels=[4, 8])
+    cfg = vae_cfg(image_shape=shape, latent_dim=4, hidden=[16], arch="conv", channels=[4, 8])
     vae = VAE(cfg)
     x = torch.rand(3, *shape)
     logits, mu, logvar = vae(x)
@@ -160,11 +157,9 @@ def test_conv_vae_learns():
     x, xv = proto_data()
     torch.manual_seed(0)
     vae = VAE(
-        VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32], arch="conv", channels=[8, 16])
+        vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[32], arch="conv", channels=[8, 16])
     )
-    hist = fit(
-        vae, x, xv, TrainConfig(epochs=8, batch_size=50, lr=3e-3), "dynamic", progress=False
-    )
+    hist = fit(vae, x, xv, train_cfg(epochs=8, batch_size=50, lr=3e-3), "dynamic", progress=False)
     assert hist[-1].val["elbo"] > hist[0].val["elbo"] + 1
 
 
@@ -204,8 +199,8 @@ def test_iwae_objective_with_one_sample_is_the_elbo_and_with_more_is_tighter(tin
 def test_iwae_training_logs_the_validation_bound_and_keeps_it_above_the_elbo():
     x, xv = proto_data()
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32]))
-    cfg = TrainConfig(epochs=4, batch_size=50, objective="iwae", iwae_k=10)
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[32]))
+    cfg = train_cfg(epochs=4, batch_size=50, objective="iwae", iwae_k=10)
     hist = fit(vae, x, xv, cfg, "dynamic", progress=False)
     assert all(h.val["iwae"] > h.val["elbo"] for h in hist)
     assert hist[-1].val["iwae"] > hist[0].val["iwae"]
@@ -216,17 +211,17 @@ def test_iwae_training_logs_the_validation_bound_and_keeps_it_above_the_elbo():
 
 
 def test_kl_warmup_ramps_linearly_per_step_and_is_logged_per_epoch():
-    cfg = TrainConfig(beta=2.0, warmup_epochs=4)
+    cfg = train_cfg(beta=2.0, warmup_epochs=4)
     assert kl_weight(cfg, 0, 10) == pytest.approx(2.0 / 40)
     assert kl_weight(cfg, 19, 10) == pytest.approx(1.0)
     assert kl_weight(cfg, 39, 10) == kl_weight(cfg, 500, 10) == 2.0
-    assert kl_weight(TrainConfig(beta=0.5), 0, 10) == 0.5
+    assert kl_weight(train_cfg(beta=0.5), 0, 10) == 0.5
     x, xv = proto_data()
     hist = fit(
         _mlp(),
         x,
         xv,
-        TrainConfig(epochs=3, batch_size=100, warmup_epochs=2),
+        train_cfg(epochs=3, batch_size=100, warmup_epochs=2),
         "dynamic",
         progress=False,
     )
@@ -255,12 +250,12 @@ def test_free_bits_keep_more_latent_dims_in_use():
     hists = {}
     for fb in (0.0, 1.0):
         torch.manual_seed(0)
-        vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=8, hidden=[32]))
+        vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=8, hidden=[32]))
         hists[fb] = fit(
             vae,
             x,
             xv,
-            TrainConfig(epochs=6, batch_size=50, free_bits=fb),
+            train_cfg(epochs=6, batch_size=50, free_bits=fb),
             "dynamic",
             progress=False,
         )
@@ -272,7 +267,7 @@ def test_free_bits_keep_more_latent_dims_in_use():
 
 
 def test_cosine_lr_goes_from_lr_to_lr_min_and_is_logged():
-    cfg = TrainConfig(epochs=4, lr=1e-3, lr_schedule="cosine", lr_min=1e-5)
+    cfg = train_cfg(epochs=4, lr=1e-3, lr_schedule="cosine", lr_min=1e-5)
     assert cosine_lr(cfg, 0) == pytest.approx(1e-3)
     assert cosine_lr(cfg, 2) == pytest.approx((1e-3 + 1e-5) / 2)
     assert cosine_lr(cfg, 4) == pytest.approx(1e-5)
@@ -283,7 +278,7 @@ def test_cosine_lr_goes_from_lr_to_lr_min_and_is_logged():
 
 def test_plateau_cuts_lr_and_early_stopping_stops_on_the_validation_objective():
     vae = _mlp()
-    cfg = TrainConfig(
+    cfg = train_cfg(
         lr=1e-3, lr_schedule="plateau", lr_patience=2, lr_factor=0.5, lr_min=3e-4, early_stopping=4
     )
     loop = _Loop(vae, cfg, torch.device("cpu"), SINGLE)
@@ -307,8 +302,8 @@ def test_early_stopping_ends_training_and_hands_back_the_best_epoch():
     x, _ = proto_data(n=1200)
     xv = 1.0 - x[:200]
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32], likelihood="gaussian"))
-    cfg = TrainConfig(epochs=40, batch_size=50, early_stopping=3)
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[32], likelihood="gaussian"))
+    cfg = train_cfg(epochs=40, batch_size=50, early_stopping=3)
     hist = fit(vae, x, xv, cfg, "none", progress=False)
     best = hist[-1].best_epoch
     assert len(hist) == best + 3 < 40
@@ -324,4 +319,4 @@ def test_early_stopping_ends_training_and_hands_back_the_best_epoch():
 
 def _mlp():
     torch.manual_seed(0)
-    return VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32]))
+    return VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[32]))

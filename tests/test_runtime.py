@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from _project import vae_cfg
 
 from vaepipe import export, runtime
 from vaepipe.errors import ModelFileError, RuntimeProviderError
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.model import VAE
 
 CUDA_OK, CUDA_REASON = runtime.cuda_status()
 needs_gpu = pytest.mark.skipif(not CUDA_OK, reason=f"no usable CUDA provider: {CUDA_REASON}")
@@ -16,7 +17,7 @@ needs_gpu = pytest.mark.skipif(not CUDA_OK, reason=f"no usable CUDA provider: {C
 def exported(tmp_path_factory):
     """A tiny VAE and its ONNX graphs, exported once for the module (export takes seconds)."""
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])).eval()
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])).eval()
     out = tmp_path_factory.mktemp("onnx")
     return vae, export.export_models(vae, out, opset=18, metadata={"dataset": "digits"})
 

@@ -120,6 +120,27 @@ def format_table(runs: list[RunRow], params=DEFAULT_PARAMS, metrics=DEFAULT_METR
     return "\n".join(lines)
 
 
+def _param_number(r: RunRow, x: str) -> float:
+    try:
+        return float(r.params[x])
+    except ValueError:
+        raise VaepipeError(f"param '{x}' = {r.params[x]!r} is not a number") from None
+
+
+def _groups(done: list[RunRow], x: str, hue: str | None) -> tuple[str | None, dict]:
+    """(hue, runs by hue value): by default the first other key param that varies, since runs
+    differing in it would otherwise be joined into one line."""
+    if hue is None:
+        hue = next(
+            (p for p in DEFAULT_PARAMS if p != x and len({r.params.get(p) for r in done}) > 1),
+            None,
+        )
+    groups: dict[str, list[RunRow]] = {}
+    for r in done:
+        groups.setdefault(r.params.get(hue, "-") if hue else "", []).append(r)
+    return hue, groups
+
+
 def comparison_plot(
     runs: list[RunRow], out: str | Path, x: str, ys: list[str], hue: str | None = None
 ) -> Path:
@@ -136,22 +157,8 @@ def comparison_plot(
     done = [r for r in runs if r.status == "FINISHED" and x in r.params]
     if not done:
         raise VaepipeError(f"no finished run has param '{x}' to plot against")
-
-    def num(r: RunRow) -> float:
-        try:
-            return float(r.params[x])
-        except ValueError:
-            raise VaepipeError(f"param '{x}' = {r.params[x]!r} is not a number") from None
-
-    if hue is None:  # runs differing in another param would be joined into one line otherwise
-        hue = next(
-            (p for p in DEFAULT_PARAMS if p != x and len({r.params.get(p) for r in done}) > 1),
-            None,
-        )
-    groups: dict[str, list[RunRow]] = {}
-    for r in done:
-        groups.setdefault(r.params.get(hue, "-") if hue else "", []).append(r)
-    xs = [num(r) for r in done]
+    hue, groups = _groups(done, x, hue)
+    xs = [_param_number(r, x) for r in done]
     ncols = min(3, len(ys))
     nrows = -(-len(ys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.8 * nrows), squeeze=False)
@@ -159,14 +166,12 @@ def comparison_plot(
         ax.set_visible(False)
     for ax, y in zip(axes.flat, ys, strict=False):
         for label, members in sorted(groups.items()):
-            pts = sorted((num(r), r.metrics[y]) for r in members if y in r.metrics)
+            pts = sorted((_param_number(r, x), r.metrics[y]) for r in members if y in r.metrics)
             if pts:
                 ax.plot(
                     *zip(*pts, strict=True), marker="o", label=f"{hue}={label}" if hue else None
                 )
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(f"{y} vs {x}")
+        ax.set(xlabel=x, ylabel=y, title=f"{y} vs {x}")
         if min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)

@@ -38,94 +38,114 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open=False, h
 
 # torch and numpy seeds: 0 .. 2^32 - 1 keeps every generator (and seed + 1) in range
 SEED = _range(0, 2**32 - 1)
+# Widths of layers and of z: far beyond any VAE, yet small enough that torch can size every
+# weight (larger ones overflow its int64 shapes); memory is checked against the real model.
+MAX_WIDTH = 2**20
+
+
+# No defaults here: params.yaml is the one place where every key has its value (and its unit
+# and meaning in a comment). A key missing from it is an error, never a silent fallback.
 
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="fashion-mnist", metadata=_choice(*DATASETS))
-    root: str = "data/raw"
-    npz_path: str = ""
-    download: bool = True
-    mirror: str = ""
-    val_fraction: float = field(default=0.1, metadata=_range(0, 1, lo_open=True, hi_open=True))
-    binarize: str = field(default="dynamic", metadata=_choice(*BINARIZE))
-    seed: int = field(default=0, metadata=SEED)
+    dataset: str = field(metadata=_choice(*DATASETS))
+    root: str = field(metadata={})
+    npz_path: str = field(metadata={})
+    download: bool = field(metadata={})
+    mirror: str = field(metadata={})
+    val_fraction: float = field(metadata=_range(0, 1, lo_open=True, hi_open=True))
+    binarize: str = field(metadata=_choice(*BINARIZE))
+    seed: int = field(metadata=SEED)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = field(default="mlp", metadata=_choice(*ARCHS))
-    hidden: list = field(default_factory=lambda: [512, 256], metadata={"item": int})
-    channels: list = field(default_factory=lambda: [32, 64], metadata={"item": int})
-    latent_dim: int = field(default=32, metadata=_range(1))
-    likelihood: str = field(default="bernoulli", metadata=_choice(*LIKELIHOODS))
-    gaussian_sigma: float = field(default=0.1, metadata=_range(0, lo_open=True))
-    learn_sigma: bool = False
-    min_sigma: float = field(default=0.01, metadata=_range(0, lo_open=True))
+    arch: str = field(metadata=_choice(*ARCHS))
+    hidden: list = field(metadata={"item": int})
+    channels: list = field(metadata={"item": int})
+    latent_dim: int = field(metadata=_range(1, MAX_WIDTH))
+    likelihood: str = field(metadata=_choice(*LIKELIHOODS))
+    gaussian_sigma: float = field(metadata=_range(0, lo_open=True))
+    learn_sigma: bool = field(metadata={})
+    min_sigma: float = field(metadata=_range(0, lo_open=True))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=30, metadata=_range(1))
-    batch_size: int = field(default=128, metadata=_range(1))
-    lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
-    beta: float = field(default=1.0, metadata=_range(0))
-    warmup_epochs: int = field(default=0, metadata=_range(0))
-    free_bits: float = field(default=0.0, metadata=_range(0))
-    objective: str = field(default="elbo", metadata=_choice(*OBJECTIVES))
-    iwae_k: int = field(default=5, metadata=_range(1, 10_000))
-    lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
-    lr_min: float = field(default=0.0, metadata=_range(0))
-    lr_patience: int = field(default=5, metadata=_range(1))
-    lr_factor: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
-    early_stopping: int = field(default=0, metadata=_range(0))
-    seed: int = field(default=0, metadata=SEED)
-    device: str = field(default="auto", metadata=_choice(*DEVICES))
-    threads: int = field(default=0, metadata=_range(0))
-    resume: bool = True
+    epochs: int = field(metadata=_range(1))
+    batch_size: int = field(metadata=_range(1))
+    lr: float = field(metadata=_range(0, lo_open=True))
+    objective: str = field(metadata=_choice(*OBJECTIVES))
+    iwae_k: int = field(metadata=_range(1, 10_000))
+    beta: float = field(metadata=_range(0))
+    warmup_epochs: int = field(metadata=_range(0))
+    free_bits: float = field(metadata=_range(0))
+    lr_schedule: str = field(metadata=_choice(*LR_SCHEDULES))
+    lr_min: float = field(metadata=_range(0))
+    lr_patience: int = field(metadata=_range(1))
+    lr_factor: float = field(metadata=_range(0, 1, lo_open=True, hi_open=True))
+    early_stopping: int = field(metadata=_range(0))
+    image_every: int = field(metadata=_range(0))
+    seed: int = field(metadata=SEED)
+    device: str = field(metadata=_choice(*DEVICES))
+    threads: int = field(metadata=_range(0))
+    resume: bool = field(metadata={})
 
 
 @dataclass
 class EvaluateConfig:
     # [k, batch, pixels] samples at once; beyond 1e5 per image it no longer fits in memory
-    iwae_k: int = field(default=500, metadata=_range(1, 100_000))
-    iwae_n: int = field(default=0, metadata=_range(0))
-    batch_size: int = field(default=100, metadata=_range(1))
-    seed: int = field(default=0, metadata=SEED)
-    n_images: int = field(default=64, metadata=_range(1))
-    active_threshold: float = field(default=0.01, metadata=_range(0, lo_open=True))
-    probe_train_size: int = field(default=10000, metadata=_range(0))
-    knn_k: int = field(default=5, metadata=_range(1))
-    traversal_dims: int = field(default=8, metadata=_range(1))
+    iwae_k: int = field(metadata=_range(1, 100_000))
+    iwae_n: int = field(metadata=_range(0))
+    batch_size: int = field(metadata=_range(1))
+    seed: int = field(metadata=SEED)
+    # a grid of more images is unreadable (and the worst-reconstruction picture decodes them all)
+    n_images: int = field(metadata=_range(1, 1024))
+    active_threshold: float = field(metadata=_range(0, lo_open=True))
+    probe_train_size: int = field(metadata=_range(0))
+    knn_k: int = field(metadata=_range(1))
+    traversal_dims: int = field(metadata=_range(1))
 
 
 @dataclass
 class ExportConfig:
     # torch's exporter writes opset 18 and up (lower ones silently come out as 18);
     # onnxruntime 1.31 loads up to 26 (and newer opsets fall back to 18 in the converter)
-    opset: int = field(default=18, metadata=_range(18, 26))
-    parity_atol: float = field(default=1e-4, metadata=_range(0, lo_open=True))
-    fp16_parity_atol: float = field(default=1e-2, metadata=_range(0, lo_open=True))
-    int8_parity_atol: float = field(default=0.1, metadata=_range(0, lo_open=True))
-    provider: str = field(default="auto", metadata=_choice(*PROVIDERS))
-    encoder_model: str = "vae-encoder"
-    decoder_model: str = "vae-decoder"
-    serve_max_batch: int = field(default=4096, metadata=_range(1))
+    opset: int = field(metadata=_range(18, 26))
+    parity_atol: float = field(metadata=_range(0, lo_open=True))
+    fp16_parity_atol: float = field(metadata=_range(0, lo_open=True))
+    int8_parity_atol: float = field(metadata=_range(0, lo_open=True))
+    provider: str = field(metadata=_choice(*PROVIDERS))
+    encoder_model: str = field(metadata={})
+    decoder_model: str = field(metadata={})
+    serve_max_batch: int = field(metadata=_range(1))
 
 
 @dataclass
 class MlflowConfig:
-    experiment: str = field(default="vaepipe", metadata={"nonempty": True})
+    experiment: str = field(metadata={"nonempty": True})
 
 
 @dataclass
 class Params:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    export: ExportConfig
+    mlflow: MlflowConfig
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "export": ExportConfig,
+    "mlflow": MlflowConfig,
+}
+KINDS = {"bool": bool, "int": int, "float": float, "str": str, "list": list}
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -146,16 +166,14 @@ def _unknown(key: str, allowed: list[str]) -> ConfigError:
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
-    kind = type(f.default) if f.default is not dataclasses.MISSING else list
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"param '{key}' = {_show(value)} must be true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"param '{key}' = {_show(value)} must be an integer")
-    elif kind is float:
+def _typed(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """`value` as the field's type (YAML's exponent strings read as floats), or ConfigError."""
+    kind = KINDS[f.type]
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"param '{key}' = {_show(value)} must be true or false")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"param '{key}' = {_show(value)} must be an integer")
+    if kind is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             # YAML 1.1 reads 1e-5 (no dot) as a string: `-S train.lr_min=1e-5` means a number
             value = float(value)
@@ -167,19 +185,30 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
             value = math.inf
         if not math.isfinite(value):
             raise ConfigError(f"param '{key}' = {_show(value)} must be a finite number")
-    elif kind is str:
+    if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"param '{key}' = {_show(value)} must be a string")
         if f.metadata.get("nonempty") and not value.strip():
             raise ConfigError(f"param '{key}' = {_show(value)} must not be empty")
-    elif kind is list:
-        item = f.metadata.get("item", int)
-        if not isinstance(value, list) or not all(
-            isinstance(v, item) and not isinstance(v, bool) and v >= 1 for v in value
-        ):
-            raise ConfigError(
-                f"param '{key}' = {_show(value)} must be a list of positive integers"
-            )
+    if kind is list and (
+        not isinstance(value, list)
+        or not all(
+            isinstance(v, f.metadata.get("item", int))
+            and not isinstance(v, bool)
+            and 1 <= v <= MAX_WIDTH
+            for v in value
+        )
+    ):
+        raise ConfigError(
+            f"param '{key}' = {_show(value)} must be a list of positive integers "
+            f"(at most {MAX_WIDTH})"
+        )
+    return value
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """The typed value, checked against the field's choices and range."""
+    value = _typed(key, value, f)
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(
@@ -212,22 +241,29 @@ def _build(cls, raw: Any, prefix: str):
         full = f"{prefix}.{name}" if prefix else name
         if key not in fields:
             raise _unknown(full, list(fields))
-        f = fields[key]
-        if dataclasses.is_dataclass(f.default_factory):
-            kwargs[key] = _build(f.default_factory, value, full)
+        if cls is Params:
+            kwargs[key] = _build(SECTIONS[key], value, full)
         else:
-            kwargs[key] = _coerce(full, value, f)
+            kwargs[key] = _coerce(full, value, fields[key])
+    missing = [name for name in fields if name not in kwargs]
+    if missing:
+        keys = ", ".join(f"'{prefix}.{m}'" if prefix else f"'{m}'" for m in missing)
+        raise ConfigError(
+            f"param {keys} {'is' if len(missing) == 1 else 'are'} missing; params.yaml must "
+            "set every key (it is where the defaults live)"
+        )
     return cls(**kwargs)
 
 
-def _check_cross(p: Params) -> None:
-    if p.model.likelihood == "bernoulli" and p.data.binarize == "none":
+def _check_model(p: Params) -> None:
+    """Combinations of model and data params that make no sense."""
+    m = p.model
+    if m.likelihood == "bernoulli" and p.data.binarize == "none":
         raise ConfigError(
             "param 'data.binarize' = 'none' does not fit 'model.likelihood' = 'bernoulli' "
             "(a Bernoulli likelihood needs binary pixels); use binarize dynamic/static, "
             "or likelihood gaussian for grey-level pixels"
         )
-    m, t = p.model, p.train
     if m.likelihood == "continuous_bernoulli" and p.data.binarize != "none":
         raise ConfigError(
             "param 'model.likelihood' = 'continuous_bernoulli' is a density for grey-level "
@@ -244,7 +280,13 @@ def _check_cross(p: Params) -> None:
             f"'model.gaussian_sigma' = {m.gaussian_sigma} (where a learned std starts)"
         )
     if m.arch == "conv" and not m.channels:
-        raise ConfigError("param 'model.channels' must list at least one width for arch conv")
+        raise ConfigError(
+            "param 'model.channels' must list at least one width for 'model.arch' = 'conv'"
+        )
+
+
+def _check_train(t: TrainConfig) -> None:
+    """Training options that do not go together."""
     if t.objective == "iwae":
         for key, value, neutral in (
             ("beta", t.beta, 1.0),
@@ -261,8 +303,15 @@ def _check_cross(p: Params) -> None:
             f"param 'train.lr_min' = {t.lr_min} must be smaller than 'train.lr' = {t.lr} "
             f"for lr_schedule '{t.lr_schedule}'"
         )
+
+
+def _check_cross(p: Params) -> None:
+    _check_model(p)
+    _check_train(p.train)
     if p.data.dataset == "npz" and not p.data.npz_path:
-        raise ConfigError("param 'data.npz_path' must name a .npz file when data.dataset is 'npz'")
+        raise ConfigError(
+            "param 'data.npz_path' must name a .npz file when 'data.dataset' = 'npz'"
+        )
     ev = p.evaluate
     if ev.probe_train_size and ev.knn_k >= ev.probe_train_size:
         raise ConfigError(

@@ -1,7 +1,8 @@
-"""Dataset sources, IDX/npz readers, splits and binarization.
+"""Dataset sources, IDX/npz readers, splits, digests and binarization.
 
 Images are kept as uint8 0..255 (IDX sources) or float32 in [0, 1] (digits, npz floats), shape
-[N, C, H, W]; `to_unit` turns either into float32 in [0, 1] for the model.
+[N, C, H, W]; `to_unit` turns either into float32 in [0, 1] for the model. numpy only: torch
+tensors are handled through their own methods, so the prepare stage never imports torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaepipe import limits
 from vaepipe.config import DataConfig
 from vaepipe.errors import DataError
 from vaepipe.fileio import atomic_path
@@ -299,6 +301,7 @@ def read_npz(path: Path, what: str = "npz file") -> dict[str, np.ndarray]:
                 "save it with np.savez(path, x=images)"
             )
         with f:
+            limits.check_bytes(f"{what} {path}", _npz_nbytes(f), "split it into smaller files")
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist") from None
@@ -322,6 +325,25 @@ def read_npz(path: Path, what: str = "npz file") -> dict[str, np.ndarray]:
     return arrays
 
 
+def _npz_nbytes(f) -> int:
+    """Bytes the arrays of an open NpzFile take once loaded, from their .npy headers alone."""
+    total = 0
+    for member in f.zip.namelist():
+        try:
+            with f.zip.open(member) as fp:
+                version = np.lib.format.read_magic(fp)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read(fp)
+        except Exception:  # noqa: BLE001 - not an .npy member: loading it says what is wrong
+            continue
+        total += math.prod(shape) * dtype.itemsize
+    return total
+
+
 def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
     path = Path(cfg.npz_path)
     arrays = read_npz(path, "npz file (data.npz_path)")
@@ -335,6 +357,20 @@ def load_npz_dataset(cfg: DataConfig) -> tuple[Split, Split]:
             raise DataError(f"{path}: x_test images {xt.shape[1:]} differ from x {x.shape[1:]}")
         return train, Split(xt, _labels(arrays.get("y_test"), len(xt), f"{path}['y_test']"))
     return _holdout(train, 0.2, 0, f"{path} (no 'x_test': 20% of 'x' becomes the test set)")
+
+
+def source_location(cfg: DataConfig) -> str:
+    """Where the configured data comes from, for the record (MLflow's dataset source): the
+    folder the IDX files are read from (or the URL they would be downloaded from), the npz
+    file, or scikit-learn's bundled digits file."""
+    if cfg.dataset in ("fashion-mnist", "mnist"):
+        found = [d for d in _candidate_dirs(cfg.dataset, Path(cfg.root)) if _has_all(d)]
+        return str(found[0].resolve()) if found else (cfg.mirror or MIRRORS[cfg.dataset])
+    if cfg.dataset == "digits":
+        import sklearn.datasets
+
+        return str(Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz")
+    return str(Path(cfg.npz_path).resolve())
 
 
 def load_source(cfg: DataConfig) -> tuple[Split, Split]:
@@ -377,6 +413,23 @@ def load_split(path: str | Path) -> Split:
         raise DataError(f"prepared data {path} has no 'x'; rerun the prepare stage")
     x, y = arrays["x"], arrays.get("y")
     return Split(validate_images(x, str(path)), _labels(y, len(x), str(path)))
+
+
+def digest(split: Split) -> str:
+    """16 hex digits of the SHA-256 of a split's images and labels (dtype, shape and bytes):
+    the same data gives the same digest on every machine, whatever file it came from."""
+    h = hashlib.sha256()
+    for name, arr in (("x", split.x), ("y", split.y)):
+        if arr is not None:
+            h.update(f"{name} {arr.dtype.str} {arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()[:16]
+
+
+def binarize(x, generator):
+    """One Bernoulli draw per pixel with p = intensity (the dynamic-binarization standard), for
+    a torch tensor x in [0, 1] and a torch.Generator on its device."""
+    return x.bernoulli(generator=generator)
 
 
 def to_unit(x: np.ndarray) -> np.ndarray:

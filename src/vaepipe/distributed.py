@@ -52,12 +52,6 @@ def from_env() -> Group:
     )
 
 
-def cores_per_process() -> int:
-    """This process's share of the cores when torchrun starts several on one machine."""
-    share = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, share)
-
-
 @contextlib.contextmanager
 def session(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
     """Join the process group when under torchrun; yields (group, this rank's device).

@@ -86,11 +86,6 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(q(z|x) || N(0, I)) per example: [B]."""
-    return kl_per_dim(mu, logvar).sum(-1)
-
-
 @dataclass
 class ElboTerms:
     recon: torch.Tensor  # scalar, mean over the batch of -log p(x|z)

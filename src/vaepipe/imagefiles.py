@@ -1,53 +1,57 @@
-"""Images and arrays on disk for the `vaepipe` command: PNG grids, .npz files, PNG folders.
+"""Images and arrays on disk: image grids, PNG files (Pillow), .npz files, PNG folders.
 
-numpy and the standard library only (PNGs are written with zlib; reading a folder of PNGs uses
-Pillow, which matplotlib already brings), so the CLI starts without torch or matplotlib.
+numpy, Pillow and the standard library only, so the CLI starts without torch or matplotlib. The
+one image-grid function of the project lives here: the evaluate pictures (plots.py), the
+per-epoch grids of the train stage and `vaepipe generate` all tile images with it.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 from pathlib import Path
 
 import numpy as np
 
+from vaepipe import limits
 from vaepipe.errors import DataError, VaepipeError
 from vaepipe.fileio import atomic_path
 
 
-def png_bytes(img: np.ndarray) -> bytes:
-    """An 8-bit PNG of `img` uint8 [H, W] (grey) or [H, W, 3] (RGB); filter 0 on every row."""
-    h, w = img.shape[:2]
-    rows = img.reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
 def grid(x: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
-    """Images x [N, C, H, W] in [0, 1] tiled row by row into uint8 [rows*(H+pad)+pad, ...]."""
+    """Images x [N, C, H, W] in [0, 1] tiled row by row on a white canvas, `pad` pixels apart:
+    float32 [rows*(H+pad)+pad, cols*(W+pad)+pad] for C = 1, with a last axis of 3 for C = 3."""
     n, c, h, w = x.shape
     if c not in (1, 3):
-        raise DataError(f"cannot draw images with {c} channels as PNG (1 or 3 needed)")
+        raise DataError(f"cannot draw images with {c} channels (1 or 3 needed)")
     rows = -(-n // cols)
     canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
     for i in range(n):
         r, k = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + k * (w + pad)
         canvas[top : top + h, left : left + w] = x[i].transpose(1, 2, 0)
-    img = np.clip(canvas * 255 + 0.5, 0, 255).astype(np.uint8)
-    return img[..., 0] if c == 1 else img
+    return canvas[..., 0] if c == 1 else canvas
+
+
+def interleave_rows(top: np.ndarray, bottom: np.ndarray, ncols: int = 8) -> np.ndarray:
+    """Rows of `top` followed by the matching rows of `bottom` (inputs above reconstructions)."""
+    rows = []
+    for i in range(0, len(top), ncols):
+        rows += [top[i : i + ncols], bottom[i : i + ncols]]
+    return np.concatenate(rows)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """An image in [0, 1] as 8-bit values (rounded, clipped)."""
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """An 8-bit PNG of `img` in [0, 1]: [H, W] (grey) or [H, W, 3] (RGB)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(img)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_file(path: Path, data: bytes | dict[str, np.ndarray]) -> None:
@@ -62,10 +66,19 @@ def write_file(path: Path, data: bytes | dict[str, np.ndarray]) -> None:
         raise VaepipeError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+GRID_PAD = 2
+
+
+def check_grid(what: str, n: int, cols: int, image_shape) -> None:
+    """A grid of n images of image_shape (C, H, W) that a PNG can hold, or SizeError."""
+    limits.check_png_grid(what, n, cols, tuple(image_shape[-2:]), GRID_PAD)
+
+
 def save_images(out: Path, x: np.ndarray, cols: int, arrays: dict[str, np.ndarray]) -> None:
     """A PNG grid of x [N, C, H, W] or an .npz with x_mean and `arrays`, by out's suffix."""
     if out.suffix == ".png":
-        write_file(out, png_bytes(grid(x, cols)))
+        check_grid("the grid", len(x), cols, x.shape[1:])
+        write_file(out, png_bytes(grid(x, cols, GRID_PAD)))
     else:
         write_file(out, {**arrays, "x_mean": x})
 
@@ -92,6 +105,7 @@ def read_png_folder(folder: Path, shape: tuple) -> tuple[np.ndarray, list[str]]:
     mode = {1: "L", 3: "RGB"}.get(c)
     if mode is None:
         raise DataError(f"the encoder takes {c}-channel images; PNG folders hold 1 or 3")
+    limits.check_rows(f"the PNG files in {folder}", len(files), 4 * c * h * w)
     images = []
     for p in files:
         try:

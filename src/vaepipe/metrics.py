@@ -118,12 +118,6 @@ def reconstruct(
     return Reconstruction(recon_nll=torch.cat(nll), mse=mse_all, psnr=psnr_all)
 
 
-@torch.no_grad()
-def reconstruction_errors(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Per-example mean squared error between x and E[x | z = mu(x)]: [N]."""
-    return reconstruct(vae, x, x, batch_size).mse
-
-
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     v = values.double()
     stderr = v.std(unbiased=True).item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")

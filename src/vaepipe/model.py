@@ -9,7 +9,7 @@ elbo.py, the loop in train.py.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -19,15 +19,23 @@ from vaepipe import elbo
 
 @dataclass
 class VAEConfig:
-    image_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W)
-    latent_dim: int = 32
-    hidden: list[int] = field(default_factory=lambda: [512, 256])
-    likelihood: str = "bernoulli"  # bernoulli | gaussian | continuous_bernoulli
-    gaussian_sigma: float = 0.1  # std of the Gaussian likelihood (its start when learned), pixels
-    arch: str = "mlp"  # mlp | conv
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv widths (arch conv)
-    learn_sigma: bool = False  # gaussian: one learned std per pixel instead of gaussian_sigma
-    min_sigma: float = 0.01  # gaussian with learn_sigma: the std never goes below this
+    """The architecture: the image shape the data gave, and the `model` section of the params
+    (config.ModelConfig has the same fields, each documented in params.yaml)."""
+
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    latent_dim: int
+    hidden: list[int]  # dense widths of the encoder; the decoder mirrors them
+    likelihood: str  # bernoulli | gaussian | continuous_bernoulli
+    gaussian_sigma: float  # std of the Gaussian likelihood (its start when learned), pixels
+    arch: str  # mlp | conv
+    channels: list[int]  # conv widths (arch conv)
+    learn_sigma: bool  # gaussian: one learned std per pixel instead of gaussian_sigma
+    min_sigma: float  # gaussian with learn_sigma: the std never goes below this
+
+    @classmethod
+    def from_params(cls, image_shape, model) -> VAEConfig:
+        """From the data's image shape and a config.ModelConfig (same field names)."""
+        return cls(image_shape=tuple(image_shape), **asdict(model))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -36,9 +44,15 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
-        d = dict(d)
+        # model files written before the conv arch and the learned sigma existed are MLPs with
+        # a fixed sigma: that is what their missing keys mean
+        d = {**LEGACY_MODEL_KEYS, **d}
         d["image_shape"] = tuple(d["image_shape"])
         return cls(**d)
+
+
+# The meaning of keys absent from the model files of format 1 written before they existed.
+LEGACY_MODEL_KEYS = {"arch": "mlp", "channels": [], "learn_sigma": False, "min_sigma": 0.0}
 
 
 def _mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:

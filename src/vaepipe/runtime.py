@@ -117,22 +117,8 @@ class Session:
         return {name: buf.numpy() for name, (buf, _, _) in outs.items()}
 
 
-def check_batch(
-    value,
-    name: str,
-    shape: tuple[int | None, ...],
-    *,
-    where: str = "the model",
-    value_range: tuple[float, float] | None = None,
-    max_batch: int | None = None,
-) -> np.ndarray:
-    """Validate an inference batch against `shape` (None = any size); return it as float32.
-
-    Each failure names the input, what was expected and what came: wrong rank or width,
-    strings or other non-numbers, an empty batch, NaN/inf, values outside `value_range`,
-    more than `max_batch` rows.
-    """
-    want = "[" + ", ".join("batch" if d is None else str(d) for d in shape) + "]"
+def _as_batch(value, name: str, shape: tuple[int | None, ...], where: str, want: str):
+    """`value` as a numeric array of `shape`'s rank and fixed dims, or InferenceInputError."""
     try:
         arr = np.asarray(value)
     except ValueError as e:  # ragged nested lists
@@ -150,6 +136,26 @@ def check_batch(
         raise InferenceInputError(
             f"input '{name}' has shape {list(arr.shape)}; {where} expects {want}"
         )
+    return arr
+
+
+def check_batch(
+    value,
+    name: str,
+    shape: tuple[int | None, ...],
+    *,
+    where: str = "the model",
+    value_range: tuple[float, float] | None = None,
+    max_batch: int | None = None,
+) -> np.ndarray:
+    """Validate an inference batch against `shape` (None = any size); return it as float32.
+
+    Each failure names the input, what was expected and what came: wrong rank or width,
+    strings or other non-numbers, an empty batch, NaN/inf, values outside `value_range`,
+    more than `max_batch` rows.
+    """
+    want = "[" + ", ".join("batch" if d is None else str(d) for d in shape) + "]"
+    arr = _as_batch(value, name, shape, where, want)
     if arr.shape[0] == 0:
         raise InferenceInputError(f"input '{name}' is empty (0 rows); {where} expects {want}")
     if max_batch is not None and arr.shape[0] > max_batch:

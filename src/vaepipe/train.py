@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from vaepipe import distributed
+from vaepipe import distributed, signals
 from vaepipe.config import TrainConfig
+from vaepipe.data import binarize
 from vaepipe.elbo import elbo_terms, iwae_terms
 from vaepipe.errors import VaepipeError
 from vaepipe.metrics import evaluate_elbo, iwae_log_likelihood
@@ -45,27 +44,6 @@ class EpochStats:
         out.update({"beta": self.beta, "lr": self.lr, "epoch_seconds": self.seconds})
         out["best_epoch"] = self.best_epoch
         return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from vaepipe.errors import ConfigError
-
-        raise ConfigError("param 'train.device' = 'cuda' but torch sees no CUDA device here")
-    return torch.device(name)
-
-
-def set_threads(threads: int) -> int:
-    n = threads or distributed.cores_per_process()
-    torch.set_num_threads(n)
-    return n
-
-
-def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One Bernoulli draw per pixel with p = intensity (the dynamic-binarization standard)."""
-    return torch.bernoulli(x, generator=generator)
 
 
 class TrainingDiverged(VaepipeError):
@@ -161,39 +139,6 @@ def _check_finite(vae: VAE, loss: torch.Tensor, epoch: int, batch: int) -> None:
         raise TrainingDiverged(
             f"gradient of {', '.join(bad)} is NaN/Inf at epoch {epoch}, batch {batch}"
         )
-
-
-class _InterruptedAtOnce(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM: raised wherever the loop is, possibly inside a step."""
-
-
-class _DeferredInterrupts:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps, so an interruption never
-    lands inside optimizer.step() (a half-updated model cannot be resumed exactly). A second
-    signal interrupts at once."""
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous: dict = {}
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise _InterruptedAtOnce(signal.Signals(signum).name)
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt(self.requested)
 
 
 def kl_weight(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -304,14 +249,46 @@ def fit(
 ) -> list[EpochStats]:
     """Train `vae` on float images in [0, 1] ([N, C, H, W], already on the training device).
 
-    binarization: 'dynamic' draws new binary pixels each epoch, 'static' draws them once,
-    'none' trains on the intensities (Gaussian likelihood). `resume` is a state from
-    `on_checkpoint`; training then continues exactly where that state left off. `group`: the
-    torchrun process group (distributed.session); every rank calls fit with the same arguments
-    and callbacks on rank 0 only.
+    binarization: 'dynamic' draws new binary pixels each epoch, 'static' once, 'none' trains
+    on the intensities. `resume`: a state from `on_checkpoint`, continued exactly. `group`: the
+    torchrun process group; every rank calls fit alike, with callbacks on rank 0 only.
     """
     from tqdm.auto import tqdm
 
+    loop, x_train, x_val = _start(vae, x_train, x_val, cfg, binarization, resume, group)
+    bar = tqdm(
+        total=cfg.epochs, initial=loop.epoch, desc="train", unit="epoch", disable=not progress
+    )
+    try:
+        with signals.deferred() as interrupts:
+            while loop.epoch < cfg.epochs and not loop.stopped:
+                stats = _epoch(loop, x_train, x_val, cfg, binarization, interrupts)
+                loop.history.append(stats)
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"ELBO train {stats.train['elbo']:.2f} val {stats.val['elbo']:.2f}"
+                )
+                # saved before it is logged: a store that fails now loses no training
+                if on_checkpoint is not None:
+                    on_checkpoint(loop.state_dict())
+                if on_epoch_end is not None:
+                    on_epoch_end(stats)
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM, taken between two steps: save the exact position, then stop. A
+        # second one stops at once, maybe mid-step: the last position saved then stays.
+        if on_checkpoint is not None and not isinstance(e, signals.InterruptedAtOnce):
+            on_checkpoint(loop.state_dict())
+        raise
+    finally:
+        bar.close()
+    if loop.best_model is not None:  # the model handed back is the best epoch's
+        vae.load_state_dict(loop.best_model)
+    return loop.history
+
+
+def _start(vae, x_train, x_val, cfg: TrainConfig, binarization: str, resume, group):
+    """The loop state (fresh, or `resume`d) and the data as the epochs see it: the validation
+    set binarized once with a fixed draw, the training set too for static binarization."""
     device = x_train.device
     torch.manual_seed(cfg.seed)
     loop = _Loop(vae, cfg, device, group)
@@ -322,53 +299,32 @@ def fit(
         x_train = binarize(x_train, loop.gen)
     if resume is not None:
         loop.load_state_dict(resume)
-    bar = tqdm(
-        total=cfg.epochs, initial=loop.epoch, desc="train", unit="epoch", disable=not progress
+    return loop, x_train, x_val
+
+
+def _epoch(loop: _Loop, x_train, x_val, cfg: TrainConfig, binarization: str, interrupts):
+    """One epoch (or the rest of a resumed one) and its validation: its EpochStats."""
+    t0 = time.perf_counter()
+    if cfg.lr_schedule == "cosine":
+        _set_lr(loop, cosine_lr(cfg, loop.epoch))
+    lr = loop.opt.param_groups[0]["lr"]
+    (loss, recon, kl, elbo), beta = _train_epoch(loop, x_train, cfg, binarization, interrupts)
+    val, kl_d = evaluate_elbo(loop.vae, x_val, seed=cfg.seed)
+    if cfg.objective == "iwae":
+        log_px = iwae_log_likelihood(loop.vae, x_val, cfg.iwae_k, seed=cfg.seed)
+        val["iwae"] = log_px.mean().item()
+    loop.epoch, loop.batch = loop.epoch + 1, 0
+    _after_epoch(loop, cfg, val["iwae" if cfg.objective == "iwae" else "elbo"])
+    return EpochStats(
+        epoch=loop.epoch,
+        train={"loss": loss, "recon": recon, "kl": kl, "elbo": elbo},
+        val=val,
+        beta=beta,
+        lr=lr,
+        seconds=time.perf_counter() - t0,
+        kl_per_dim=kl_d.tolist(),
+        best_epoch=loop.best_epoch,
     )
-    try:
-        with _DeferredInterrupts() as interrupts:
-            while loop.epoch < cfg.epochs and not loop.stopped:
-                t0 = time.perf_counter()
-                if cfg.lr_schedule == "cosine":
-                    _set_lr(loop, cosine_lr(cfg, loop.epoch))
-                lr = loop.opt.param_groups[0]["lr"]
-                (loss, recon, kl, elbo), beta = _train_epoch(
-                    loop, x_train, cfg, binarization, interrupts
-                )
-                val, kl_d = evaluate_elbo(vae, x_val, seed=cfg.seed)
-                if cfg.objective == "iwae":
-                    val["iwae"] = iwae_log_likelihood(vae, x_val, cfg.iwae_k, seed=cfg.seed)
-                    val["iwae"] = val["iwae"].mean().item()
-                loop.epoch, loop.batch = loop.epoch + 1, 0
-                _after_epoch(loop, cfg, val["iwae" if cfg.objective == "iwae" else "elbo"])
-                stats = EpochStats(
-                    epoch=loop.epoch,
-                    train={"loss": loss, "recon": recon, "kl": kl, "elbo": elbo},
-                    val=val,
-                    beta=beta,
-                    lr=lr,
-                    seconds=time.perf_counter() - t0,
-                    kl_per_dim=kl_d.tolist(),
-                    best_epoch=loop.best_epoch,
-                )
-                loop.history.append(stats)
-                bar.update(1)
-                bar.set_postfix(train_elbo=f"{elbo:.2f}", val_elbo=f"{val['elbo']:.2f}")
-                if on_epoch_end is not None:
-                    on_epoch_end(stats)
-                if on_checkpoint is not None:
-                    on_checkpoint(loop.state_dict())
-    except KeyboardInterrupt as e:
-        # Ctrl-C or SIGTERM, taken between two steps: save the exact position, then stop. A
-        # second one stops at once, maybe mid-step: the last position saved then stays.
-        if on_checkpoint is not None and not isinstance(e, _InterruptedAtOnce):
-            on_checkpoint(loop.state_dict())
-        raise
-    finally:
-        bar.close()
-    if loop.best_model is not None:  # the model handed back is the best epoch's
-        vae.load_state_dict(loop.best_model)
-    return loop.history
 
 
 def _set_lr(loop: _Loop, lr: float) -> None:

@@ -1,0 +1,88 @@
+"""SIGINT/SIGTERM for the stages: one handler, two modes.
+
+SIGTERM (`dvc queue kill`, a scheduler) is treated like Ctrl-C, so a stage stops the same way
+for both: the MLflow run is closed KILLED and training saves where it stands. While `handled()`
+is active, a signal raises KeyboardInterrupt at once. Inside `deferred()` (the training loop)
+the first signal only sets a flag that the loop checks between optimizer steps, so an
+interruption never lands inside optimizer.step() (a half-updated model cannot be resumed
+exactly); a second signal interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class InterruptedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM inside `deferred()`: raised wherever the loop is."""
+
+
+class _State:
+    def __init__(self):
+        self.depth = 0  # nested handled() blocks; the handler is installed by the outermost
+        self.previous: dict = {}
+        self.deferring = 0  # nested deferred() blocks
+        self.requested: str | None = None  # the deferred signal's name
+
+
+_state = _State()
+
+
+def _handler(signum, frame):
+    name = signal.Signals(signum).name
+    if _state.deferring:
+        if _state.requested:
+            raise InterruptedAtOnce(name)
+        _state.requested = name
+        return
+    raise KeyboardInterrupt(name)
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt(<signal name>) inside this block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may install handlers; others keep Python's default
+        return
+    if _state.depth == 0:
+        _state.previous = {sig: signal.signal(sig, _handler) for sig in SIGNALS}
+    _state.depth += 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+        if _state.depth == 0:
+            for sig, previous in _state.previous.items():
+                signal.signal(sig, previous)
+
+
+class Deferred:
+    """What `deferred()` yields: the signal asked for so far, checked between steps."""
+
+    @property
+    def requested(self) -> str | None:
+        return _state.requested
+
+    def check(self) -> None:
+        if _state.requested:
+            raise KeyboardInterrupt(_state.requested)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[Deferred]:
+    """Signals set a flag instead of raising (a second one raises InterruptedAtOnce)."""
+    with handled():
+        if _state.deferring == 0:
+            _state.requested = None
+        _state.deferring += 1
+        try:
+            yield Deferred()
+        finally:
+            _state.deferring -= 1
+            if _state.deferring == 0:
+                _state.requested = None
