@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _project import vae_cfg
 
 from vaepipe import export, runtime, serving
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.model import VAE
+from vaepipe.tracking import registry
 
 LATENT = 3
 
@@ -24,7 +26,7 @@ LATENT = 3
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=LATENT, hidden=[16])).eval()
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=LATENT, hidden=[16])).eval()
     out = tmp_path_factory.mktemp("onnx")
     return export.export_models(vae, out, opset=18, metadata={"dataset": "digits"})["decoder"]
 
@@ -43,7 +45,7 @@ def saved(decoder, tmp_path_factory):
 
     feeds, signature = _signature(decoder)
     path = tmp_path_factory.mktemp("saved") / "model"
-    serving.save_model(
+    registry.save_model(
         str(path),
         onnx_path=decoder,
         serve_config={"max_batch": 8},
@@ -127,7 +129,7 @@ def server(decoder, tmp_path_factory):
         exp = mlflow.create_experiment("serving", artifact_location=(store / "art").as_uri())
         feeds, signature = _signature(decoder)
         with mlflow.start_run(experiment_id=exp) as run:
-            info = serving.log_model(
+            info = registry.log_model(
                 decoder,
                 "decoder",
                 registered_model_name="vae-decoder",

@@ -1,4 +1,7 @@
-"""MLflow store resolution, run lifecycle and tags (DESIGN.md, "MLflow").
+"""MLflow: the store, the run lifecycle, and every logging call of the stages (DESIGN.md).
+
+The stage scripts never import mlflow: each call goes through a function here (models and the
+registry: vaepipe.tracking.registry), with one retry policy and one clear error.
 
 Store: MLFLOW_TRACKING_URI if set, else sqlite:///<root>/mlruns/mlflow.db with artifacts in
 <root>/mlruns/artifacts, where <root> is DVC_ROOT (queued `dvc exp` runs execute in a temporary
@@ -10,16 +13,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from vaepipe import signals
 from vaepipe.errors import VaepipeError
 
 STORE_DIR = "mlruns"
+# Our retry of transient store errors (sqlite "database is locked" between parallel workers, a
+# dropped connection): 6 attempts over about 8 s in all.
+RETRY_ATTEMPTS = 6
+RETRY_DELAY = 0.25
+# MLflow's HTTP client retries on its own, by default 7 times with a backoff that adds up to
+# minutes, and waits 120 s per request: an unreachable server would stall a stage that long.
+# Bounded here unless the user set them.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+TRANSIENT = ("database is locked", "Max retries", "Connection", "timed out", "Read timed out")
+
+T = TypeVar("T")
 
 
 class TrackingError(VaepipeError):
@@ -45,17 +63,35 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def _retry(fn, what: str, attempts: int = 8, delay: float = 0.25):
-    """Retry sqlite 'database is locked' and connection hiccups with a bounded backoff."""
-    for i in range(attempts):
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def call(fn: Callable[[], T], what: str, also_transient: tuple[str, ...] = ()) -> T:
+    """fn() with the retry policy; a store that stays unreachable, or refuses the call, is a
+    TrackingError naming the store and what was being done. `also_transient`: messages that
+    mean "try again" for this call only (a race another client won)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(RETRY_ATTEMPTS):
         try:
             return fn()
         except Exception as e:  # MLflow wraps sqlite/HTTP errors in several types
-            msg = str(e)
-            transient = "database is locked" in msg or "Max retries" in msg or "Connection" in msg
-            if not transient or i == attempts - 1:
-                raise
-            time.sleep(delay * 2**i)
+            transient = any(t in str(e) for t in (*TRANSIENT, *also_transient))
+            if transient and attempt < RETRY_ATTEMPTS - 1:
+                time.sleep(RETRY_DELAY * 2**attempt)
+                continue
+            if transient:
+                raise TrackingError(
+                    f"MLflow store {tracking_uri()} is unreachable while {what}: {_first_line(e)}"
+                ) from None
+            if isinstance(e, MlflowException):
+                raise TrackingError(
+                    f"MLflow store {tracking_uri()} refused {what}: {_first_line(e)}"
+                ) from None
+            raise
+    raise AssertionError("unreachable")
 
 
 def _check_reachable(uri: str) -> None:
@@ -78,6 +114,8 @@ def setup_uri() -> str:
     """Resolve the store, check it answers, and point MLflow at it; returns the URI."""
     import mlflow
 
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     uri = tracking_uri()
     _check_reachable(uri)
     if uri.startswith("sqlite:///"):
@@ -110,11 +148,13 @@ def setup(experiment: str) -> str:
 
     with _store_lock(uri):
         try:
-            return _retry(get_or_create, f"experiment {experiment}")
+            return call(get_or_create, f"opening experiment '{experiment}'")
+        except TrackingError:
+            raise
         except Exception as e:  # a damaged or foreign database, a server that errors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrackingError(
-                f"cannot open MLflow experiment '{experiment}' in the store {uri}: {first[:300]}"
+                f"cannot open MLflow experiment '{experiment}' in the store {uri}: "
+                f"{_first_line(e)}"
             ) from None
 
 
@@ -148,6 +188,11 @@ def run_exists(experiment: str, run_id: str) -> bool:
     return True
 
 
+def git_commit() -> str | None:
+    """The commit the working tree is at (HEAD), or None outside a git checkout."""
+    return _git("rev-parse", "HEAD")
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
@@ -166,7 +211,7 @@ def run_tags(dataset: str, device: str) -> dict[str, str]:
         tags["onnxruntime_version"] = onnxruntime.__version__
     except ImportError:
         pass
-    commit = _git("rev-parse", "HEAD")
+    commit = git_commit()
     if commit:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
@@ -181,21 +226,32 @@ def run_tags(dataset: str, device: str) -> dict[str, str]:
     return tags
 
 
-@contextlib.contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    def handler(signum, frame):
-        # SIGTERM (dvc queue kill, a scheduler) becomes Ctrl-C: checkpoint, close the run KILLED.
-        raise KeyboardInterrupt("SIGTERM")
+def _start(experiment, run_id, run_name, tags, system_metrics):
+    """The active MLflow run: a new one in `experiment`, or `run_id` reopened."""
+    import logging
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    import mlflow
+
+    # the monitor announces its start and stop at INFO on every run: noise in a stage's output
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    exp_id = setup(experiment)
+    if run_id is not None:
+        active = call(
+            lambda: mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics),
+            f"reopening run {run_id}",
+        )
+        if tags:
+            set_tags(tags)
+        return active
+    return call(
+        lambda: mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=run_name or os.environ.get("DVC_EXP_NAME") or None,
+            tags=tags,
+            log_system_metrics=system_metrics,
+        ),
+        "starting a run",
+    )
 
 
 @contextlib.contextmanager
@@ -204,24 +260,19 @@ def run(
     run_id: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
-    """Start (or reopen, given run_id) an MLflow run; close it FINISHED/FAILED/KILLED."""
+    """Start (or reopen, given run_id) an MLflow run; close it FINISHED/FAILED/KILLED.
+
+    system_metrics: also sample CPU, memory (and GPU, with nvidia-ml-py) every 10 s into the
+    run's system/* metrics while the block runs.
+    """
     import mlflow
 
-    exp_id = setup(experiment)
-    if run_id is None:
-        run_name = run_name or os.environ.get("DVC_EXP_NAME") or None
-        active = _retry(
-            lambda: mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags),
-            "start run",
-        )
-    else:
-        active = _retry(lambda: mlflow.start_run(run_id=run_id), "reopen run")
-        if tags:
-            mlflow.set_tags(tags)
+    active = _start(experiment, run_id, run_name, tags, system_metrics)
     status = "FAILED"
     try:
-        with _sigterm_as_exception():
+        with signals.handled():
             yield active
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -233,10 +284,80 @@ def run(
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
         raise
     finally:
-        _retry(lambda: mlflow.end_run(status=status), "end run")
+        call(lambda: mlflow.end_run(status=status), f"closing run {active.info.run_id}")
 
 
-def log_epoch(stats_metrics: dict[str, float], step: int) -> None:
+# --- what a stage logs into the active run -------------------------------------------------
+
+
+def log_params(params: dict[str, Any]) -> None:
     import mlflow
 
-    _retry(lambda: mlflow.log_metrics(stats_metrics, step=step), "log metrics")
+    call(lambda: mlflow.log_params(params), "logging params")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    call(lambda: mlflow.log_metrics(metrics, step=step), "logging metrics")
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    import mlflow
+
+    call(lambda: mlflow.set_tags(tags), "setting tags")
+
+
+def last_step(run_id: str, key: str) -> int:
+    """The highest step logged for metric `key` in run `run_id` (0 when none)."""
+    import mlflow
+
+    history = call(lambda: mlflow.MlflowClient().get_metric_history(run_id, key), f"reading {key}")
+    return max((m.step for m in history), default=0)
+
+
+def log_artifacts(local_dir: str | Path, artifact_path: str) -> None:
+    import mlflow
+
+    call(
+        lambda: mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path),
+        f"uploading {local_dir}",
+    )
+
+
+def log_artifact(path: str | Path, artifact_path: str) -> None:
+    import mlflow
+
+    call(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path), f"uploading {path}")
+
+
+def log_image(image, key: str, step: int) -> None:
+    """An image (uint8 [H, W] or [H, W, 3]) under `key` at `step`: the UI steps through them."""
+    import mlflow
+
+    call(lambda: mlflow.log_image(image, key=key, step=step), f"logging image '{key}'")
+
+
+def log_dataset(
+    name: str, source: str, digest: str, x, y, context: str, tags: dict[str, str] | None = None
+) -> None:
+    """A dataset input of the run (the UI's Dataset column): its name, where it came from, our
+    content digest, and the shapes of x and y."""
+    import mlflow
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    src = (
+        HTTPDatasetSource(source)
+        if source.startswith(("http://", "https://"))
+        else LocalArtifactDatasetSource(source)
+    )
+    dataset = from_numpy(x, source=src, targets=y, name=name, digest=digest)
+    call(
+        lambda: mlflow.log_input(dataset, context=context, tags=tags),
+        f"logging dataset {name}",
+        # two runs logging the same new dataset at once: the store creates it for one of them
+        # and refuses the other, whose next attempt finds it (sqlite, PostgreSQL wording)
+        also_transient=("UNIQUE constraint failed", "duplicate key value"),
+    )
