@@ -11,13 +11,14 @@ Prints examples x k per second for each, side by side, and their ratio (target: 
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vaepipe import checkpoint, metrics
+from vaepipe import checkpoint, config, metrics
+from vaepipe.device import set_threads
 from vaepipe.model import VAE, VAEConfig
-from vaepipe.train import set_threads
 
 
 @torch.no_grad()
@@ -66,7 +67,8 @@ def main() -> None:
         vae, _ = checkpoint.load(args.model, device)
     else:
         torch.manual_seed(0)
-        vae = VAE(VAEConfig(image_shape=(1, 28, 28), latent_dim=32, hidden=[512, 256]))
+        model = config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
+        vae = VAE(VAEConfig.from_params((1, 28, 28), model))  # the size params.yaml trains
         vae = vae.to(device).eval()
     assert vae.cfg.likelihood == "bernoulli", "the bare loop is written for a Bernoulli model"
     gen = torch.Generator(device=device).manual_seed(0)

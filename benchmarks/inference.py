@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vaepipe import checkpoint, export, runtime
+from vaepipe import checkpoint, config, export, runtime
 from vaepipe.model import VAE, DecoderMean, VAEConfig
 
 
@@ -221,7 +221,8 @@ def main() -> None:
         vae, _ = checkpoint.load(args.checkpoint)
     else:
         torch.manual_seed(0)
-        vae = VAE(VAEConfig()).eval()  # the size params.yaml trains: 784-512-256-32
+        model = config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
+        vae = VAE(VAEConfig.from_params((1, 28, 28), model)).eval()  # the size params.yaml trains
     torch_gpu = torch.cuda.is_available()
     ort_gpu, reason = runtime.cuda_status()
     gpu = torch_gpu or ort_gpu

@@ -21,19 +21,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
 
+from vaepipe import config  # noqa: E402
 from vaepipe.distributed import Step  # noqa: E402
 from vaepipe.elbo import elbo_terms, iwae_terms  # noqa: E402
 from vaepipe.model import VAE, VAEConfig  # noqa: E402
 
 STEPS_PER_EPOCH = 422  # ceil(54,000 / 128)
+MODEL = config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
+MLP = VAEConfig.from_params((1, 28, 28), MODEL)  # params.yaml's: 784-512-256-32
+CONV = VAEConfig.from_params((1, 28, 28), dataclasses.replace(MODEL, arch="conv", hidden=[256]))
 CASES = [
-    ("mlp elbo", VAEConfig(), None),
-    ("mlp iwae k=5", VAEConfig(), 5),
-    ("mlp iwae k=50", VAEConfig(), 50),
-    ("conv elbo", VAEConfig(arch="conv", hidden=[256]), None),
-    ("conv iwae k=5", VAEConfig(arch="conv", hidden=[256]), 5),
+    ("mlp elbo", MLP, None),
+    ("mlp iwae k=5", MLP, 5),
+    ("mlp iwae k=50", MLP, 50),
+    ("conv elbo", CONV, None),
+    ("conv iwae k=5", CONV, 5),
 ]
 
 

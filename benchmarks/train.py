@@ -5,8 +5,9 @@ data with batch 128, dynamic binarization on the device, Adam, and one validatio
 (what fit does, and what pytorch/examples' VAE does), so the figures differ only by our
 overhead: the divergence check, the loss terms kept for logging, interrupt handling and MLflow
 logging to a sqlite store in a temp dir (once per epoch, through on_epoch_end as in
-pipeline/train.py). Runs are interleaved and the best of each counted. Also prints the FLOP/s
-reached against the machine's matmul FLOP/s (a large torch.matmul, timed here).
+pipeline/train.py, with its per-epoch picture grids and MLflow's system-metrics sampler). Runs
+are interleaved and the best of each counted. Also prints the FLOP/s reached against the
+machine's matmul FLOP/s (a large torch.matmul, timed here).
 
     python benchmarks/train.py                            # Fashion-MNIST, 1 epoch a run, best of 3
     python benchmarks/train.py --data random --n 20000 --repeats 5
@@ -20,8 +21,10 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib.util
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +33,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vaepipe import data, tracking
+from vaepipe import config, data, tracking
 from vaepipe.config import TrainConfig
+from vaepipe.device import set_threads
 from vaepipe.model import VAE, VAEConfig
-from vaepipe.train import fit, set_threads
+from vaepipe.train import fit
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = config.load(ROOT / "params.yaml")
+
+
+def train_stage():
+    """pipeline/train.py as a module: its per-epoch pictures are part of what the stage costs."""
+    sys.path.insert(0, str(ROOT / "pipeline"))  # where the stage finds its _venv module
+    spec = importlib.util.spec_from_file_location("train_stage", ROOT / "pipeline" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_data(source: str, n: int, n_val: int, device: torch.device):
@@ -131,10 +146,13 @@ def bare_fit(
 def ours_fit(vae: VAE, x: torch.Tensor, x_val: torch.Tensor, cfg: TrainConfig) -> float:
     """vaepipe.train.fit as pipeline/train.py calls it; returns the seconds fit took (the run
     is opened and closed outside the timed span: that cost is in benchmarks/pipeline.py)."""
-    with tracking.run("benchmark", tags={"benchmark": "train"}):
+    stage = train_stage()
+    with tracking.run("benchmark", tags={"benchmark": "train"}, system_metrics=True):
+        pictures = stage.EpochPictures(vae, x_val, cfg)
 
         def on_epoch_end(stats):
-            tracking.log_epoch(stats.metrics(), step=stats.epoch)
+            tracking.log_metrics(stats.metrics(), step=stats.epoch)
+            pictures(stats.epoch)
 
         t0 = time.perf_counter()
         fit(vae, x, x_val, cfg, "dynamic", on_epoch_end, progress=False)
@@ -184,9 +202,12 @@ def main() -> None:
     device = torch.device(args.device)
     x, x_val = load_data(args.data, args.n, args.val, device)
     torch.manual_seed(0)
-    cfg = VAEConfig(image_shape=(1, 28, 28), latent_dim=args.latent_dim, hidden=args.hidden)
+    model = dataclasses.replace(PARAMS.model, latent_dim=args.latent_dim, hidden=args.hidden)
+    cfg = VAEConfig.from_params((1, 28, 28), model)
     init = VAE(cfg).to(device)
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, threads=threads)
+    tcfg = dataclasses.replace(
+        PARAMS.train, epochs=args.epochs, batch_size=args.batch_size, threads=threads
+    )
     runs = {"vaepipe": ours_fit, "bare": bare_fit}
     for variant in args.variants:
         runs[f"bare+{variant}"] = functools.partial(bare_fit, variant=variant)

@@ -6,24 +6,22 @@ plots/evaluate/ (PNGs, and kl_per_dim.json for `dvc plots show`), adds both to t
 in MLflow, and prints a short summary.
 """
 
+import _venv  # noqa: F401  (first: run with the project's packages)
+
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaepipe import checkpoint, config, data, latent, metrics, plots, tracking
+from vaepipe import checkpoint, config, data, imagefiles, latent, metrics, paths, plots, tracking
+from vaepipe.device import resolve_device, set_threads
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import read_json, write_json
 from vaepipe.model import VAE
-from vaepipe.train import binarize, resolve_device, set_threads
 
-OUT = Path("metrics/evaluate.json")
-PLOTS = Path("plots/evaluate")
-CURVES = Path("plots/train/curves.json")
-PREPARED = Path("data/prepared")
+PLOTS = paths.EVALUATE_PLOTS
 TRAVERSAL_VALUES = torch.linspace(-3, 3, 7)  # values of the swept z_d, in prior std units
 INTERPOLATION_STEPS = 10
 INTERPOLATION_PAIRS = 6
@@ -35,10 +33,11 @@ class Inputs:
     x: torch.Tensor  # [N, C, H, W] what the likelihood is measured on (binarized if Bernoulli)
     grey: torch.Tensor  # [N, C, H, W] intensities in [0, 1], what a deployment encodes
     y: np.ndarray | None  # [N] labels, or None
+    split: data.Split  # the prepared test split as stored
 
 
 def load_test(vae: VAE, device: torch.device, seed: int) -> Inputs:
-    test = data.load_split(PREPARED / "test.npz")
+    test = data.load_split(paths.prepared("test"))
     grey = torch.from_numpy(data.to_unit(test.x)).to(device)
     if tuple(grey.shape[1:]) != tuple(vae.cfg.image_shape):
         raise data.DataError(
@@ -49,15 +48,15 @@ def load_test(vae: VAE, device: torch.device, seed: int) -> Inputs:
     # Bernoulli draw of the test set for a Bernoulli model (the benchmark standard).
     x = grey
     if vae.cfg.likelihood == "bernoulli":
-        x = binarize(grey, torch.Generator(device=device).manual_seed(seed))
-    return Inputs(x, grey, test.y)
+        x = data.binarize(grey, torch.Generator(device=device).manual_seed(seed))
+    return Inputs(x, grey, test.y, test)
 
 
 def train_latents(
     vae: VAE, device: torch.device, ev: config.EvaluateConfig
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """mu of a seeded subsample of the training images (grey), with their labels."""
-    train = data.load_split(PREPARED / "train.npz")
+    train = data.load_split(paths.prepared("train"))
     idx = latent.subsample(len(train.x), ev.probe_train_size, ev.seed)
     grey = torch.from_numpy(data.to_unit(train.x[idx])).to(device)
     mu, _ = metrics.encode_all(vae, grey, ev.batch_size)
@@ -113,7 +112,7 @@ def image_pictures(vae: VAE, inp: Inputs, rec: metrics.Reconstruction, n: int, s
     def beside_reconstructions(idx: torch.Tensor) -> np.ndarray:
         grey = inp.grey[idx]
         recon = latent.decode_mean(vae, metrics.encode_all(vae, grey)[0])
-        return plots.interleave_rows(grey.cpu().numpy(), recon)
+        return imagefiles.interleave_rows(grey.cpu().numpy(), recon)
 
     plots.save_grid(
         PLOTS / "reconstructions.png",
@@ -195,24 +194,32 @@ def chart_pictures(kl_d: torch.Tensor, act: torch.Tensor, threshold: float) -> d
         for d, (k, a) in enumerate(zip(kl_np, act_np, strict=True))
     ]
     write_json(PLOTS / "kl_per_dim.json", rows)
-    if not CURVES.is_file():
-        return {"plots/training_curves.png": f"{CURVES} is missing (run the train stage)"}
-    plots.training_curves(PLOTS / "training_curves.png", read_json(CURVES))
+    if not paths.CURVES.is_file():
+        return {"plots/training_curves.png": f"{paths.CURVES} is missing (run the train stage)"}
+    plots.training_curves(PLOTS / "training_curves.png", read_json(paths.CURVES))
     return {}
 
 
-def log_to_mlflow(experiment: str, results: dict, skipped: dict, seconds: float) -> str:
-    """Metrics, skip reasons (as tags) and plots/evaluate/ into the training run; its id.
-    Wall time goes to MLflow only: metrics/evaluate.json stays a deterministic DVC output."""
-    run_id = read_json("metrics/train.json")["run_id"]
-    with tracking.run(experiment, run_id=run_id):
-        import mlflow
-
-        mlflow.log_metrics({k: v for k, v in results.items() if k.startswith("test/")})
-        mlflow.log_metric("evaluate_seconds", seconds)
+def log_to_mlflow(params: config.Params, inp: Inputs, results: dict, skipped: dict, seconds):
+    """Metrics, the test set (a dataset input), skip reasons (as tags) and plots/evaluate/ into
+    the training run; its id. Wall time goes to MLflow only: metrics/evaluate.json stays a
+    deterministic DVC output."""
+    run_id = read_json(paths.TRAIN_METRICS)["run_id"]
+    with tracking.run(params.mlflow.experiment, run_id=run_id):
+        tracking.log_metrics({k: v for k, v in results.items() if k.startswith("test/")})
+        tracking.log_metrics({"evaluate_seconds": seconds})
+        tracking.log_dataset(
+            params.data.dataset,
+            data.source_location(params.data),
+            results["data_digest"],
+            inp.split.x,
+            inp.split.y,
+            "evaluation",
+            tags={"split": "test", "examples": str(len(inp.split.x))},
+        )
         if skipped:
-            mlflow.set_tags({f"evaluate.skipped.{k}": v for k, v in skipped.items()})
-        mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
+            tracking.set_tags({f"evaluate.skipped.{k}": v for k, v in skipped.items()})
+        tracking.log_artifacts(PLOTS, "plots")
     return run_id
 
 
@@ -242,18 +249,18 @@ def summary(r: dict, skipped: dict, n_dims: int, seconds: float, run_id: str) ->
     for name, why in skipped.items():
         by_reason.setdefault(why, []).append(name)
     lines += [f"  skipped         {', '.join(names)}: {why}" for why, names in by_reason.items()]
-    lines.append(f"  written         {OUT}, {PLOTS}/; MLflow run {run_id}")
+    lines.append(f"  written         {paths.EVALUATE_METRICS}, {PLOTS}/; MLflow run {run_id}")
     return "\n".join(lines)
 
 
 @exit_on_user_error
 def main() -> None:
     t0 = time.perf_counter()
-    params = config.load("params.yaml")
+    params = config.load(paths.PARAMS)
     ev = params.evaluate
     device = resolve_device(params.train.device)
     set_threads(params.train.threads)
-    vae, payload = checkpoint.load("models/vae.pt", device)
+    vae, payload = checkpoint.load(paths.MODEL, device)
     dataset = payload.get("params", {}).get("data", {}).get("dataset")
     inp = load_test(vae, device, ev.seed)
 
@@ -284,9 +291,10 @@ def main() -> None:
         n_probe_train=len(mu_train),
         mutual_info_max=math.log(len(inp.x)),
         skipped=skipped,
+        data_digest=data.digest(inp.split),
     )
-    write_json(OUT, results)
-    run_id = log_to_mlflow(params.mlflow.experiment, results, skipped, seconds)
+    write_json(paths.EVALUATE_METRICS, results)
+    run_id = log_to_mlflow(params, inp, results, skipped, seconds)
     print(summary(results, skipped, vae.cfg.latent_dim, seconds, run_id))
 
 

@@ -4,24 +4,24 @@ Writes models/{encoder,decoder}.onnx (fp32, the contract), models/*.fp16.onnx (f
 models/*.int8.onnx (for CPUs); metrics/export.json holds each file's size, its parity with
 PyTorch and the provider that ran. Logs both fp32 graphs to the training run with signature and
 input example, registered as export.encoder_model / export.decoder_model, servable with
-`mlflow models serve -m models:/vae-decoder/latest` (payloads checked by vaepipe.serving).
+`mlflow models serve` (payloads checked by vaepipe.serving).
 """
 
-from pathlib import Path
+import _venv  # noqa: F401  (first: run with the project's packages)
 
 import numpy as np
 
-from vaepipe import checkpoint, config, export, runtime, serving, tracking
+from vaepipe import checkpoint, config, export, paths, runtime, tracking
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import read_json, write_json
+from vaepipe.tracking import registry
 
-MODELS = Path("models")
-OUT = Path("metrics/export.json")
+MODELS = paths.MODELS
 # precision -> (converter, provider policy for its parity check); int8 is a CPU format.
 VARIANTS = {"fp16": (export.to_fp16, None), "int8": (export.to_int8, "cpu")}
 
 
-def export_variants(vae, paths: dict[str, Path], ex) -> tuple[dict, list[str]]:
+def export_variants(vae, files: dict, ex) -> tuple[dict, list[str]]:
     """Write each variant of each graph and measure it; (metrics, parity warnings).
 
     A variant over its tolerance is a warning, not a failure: the fp32 graphs are the contract
@@ -31,7 +31,7 @@ def export_variants(vae, paths: dict[str, Path], ex) -> tuple[dict, list[str]]:
     warnings = []
     for precision, (convert, policy) in VARIANTS.items():
         atol = getattr(ex, f"{precision}_parity_atol")
-        for name, src in paths.items():
+        for name, src in files.items():
             dst = convert(src, src.with_name(f"{name}.{precision}.onnx"))
             sess = runtime.open_session(dst, policy or ex.provider)
             errs = export.parity(vae, **{f"{name}_sess": sess})
@@ -47,11 +47,8 @@ def export_variants(vae, paths: dict[str, Path], ex) -> tuple[dict, list[str]]:
     return results, warnings
 
 
-def log_models(vae, paths: dict[str, Path], sessions, ex, results: dict) -> dict[str, str]:
+def log_models(vae, files: dict, sessions, ex, results: dict) -> dict[str, str]:
     """Log (and register) encoder and decoder to the active run; {name: 'model vN'}."""
-    import mlflow
-    from mlflow.models import infer_signature
-
     cfg = vae.cfg
     rng = np.random.default_rng(0)
     inputs = {
@@ -59,47 +56,44 @@ def log_models(vae, paths: dict[str, Path], sessions, ex, results: dict) -> dict
         "decoder": ({"z": rng.standard_normal((2, cfg.latent_dim), dtype=np.float32)}, None),
     }
     registered = {"encoder": ex.encoder_model, "decoder": ex.decoder_model}
-    client = mlflow.MlflowClient()
     versions = {}
     for name, (feeds, value_range) in inputs.items():
         sess = sessions[name]
         outputs = dict(zip(sess.output_names, sess.run(feeds), strict=True))
-        info = serving.log_model(
-            paths[name],
+        version = registry.log_onnx_model(
+            files[name],
             name,
+            feeds,
+            outputs,
             registered_model_name=registered[name],
-            signature=infer_signature(feeds, outputs),
-            input_example=feeds,
             # what really ran here: listing CUDA on a CPU machine makes onnxruntime print
             # pages of errors at every load
-            onnx_execution_providers=list(dict.fromkeys([sess.provider, runtime.CPU])),
+            providers=list(dict.fromkeys([sess.provider, runtime.CPU])),
             serve_config={"max_batch": ex.serve_max_batch, "value_range": value_range},
         )
-        if registered[name]:
-            version = info.registered_model_version
+        if version:
             tags = {
                 "onnx_provider": sess.provider,
                 "parity_max_abs_err": results["parity_max_abs_err"],
                 "precision": "fp32",
             }
-            for k, v in tags.items():
-                client.set_model_version_tag(registered[name], version, k, str(v))
+            registry.set_model_version_tags(registered[name], version, tags)
             versions[name] = f"{registered[name]} v{version}"
     for p in sorted(MODELS.glob("*.fp16.onnx")) + sorted(MODELS.glob("*.int8.onnx")):
-        mlflow.log_artifact(str(p), artifact_path="onnx_variants")
+        tracking.log_artifact(p, "onnx_variants")
     return versions
 
 
 @exit_on_user_error
 def main() -> None:
-    params = config.load("params.yaml")
+    params = config.load(paths.PARAMS)
     ex = params.export
-    vae, payload = checkpoint.load(MODELS / "vae.pt")
-    run_id = read_json("metrics/train.json")["run_id"]
-    commit = tracking.run_tags(params.data.dataset, "cpu").get("git_commit", "unknown")
+    vae, payload = checkpoint.load(paths.MODEL)
+    run_id = read_json(paths.TRAIN_METRICS)["run_id"]
+    commit = tracking.git_commit() or "unknown"
     meta = {"dataset": params.data.dataset, "git_commit": commit, "mlflow_run_id": run_id}
-    paths = export.export_models(vae, MODELS, ex.opset, meta)
-    sessions = {name: runtime.open_session(p, ex.provider) for name, p in paths.items()}
+    files = export.export_models(vae, MODELS, ex.opset, meta)
+    sessions = {name: runtime.open_session(p, ex.provider) for name, p in files.items()}
     provider = sessions["decoder"].provider
     errs = export.parity(vae, sessions["encoder"], sessions["decoder"])
     worst = max(errs.values())
@@ -108,24 +102,22 @@ def main() -> None:
         "provider": provider,
         "parity_max_abs_err": worst,
         **{f"parity/{k}": v for k, v in errs.items()},
-        **{f"size_bytes/{k}": p.stat().st_size for k, p in paths.items()},
+        **{f"size_bytes/{k}": p.stat().st_size for k, p in files.items()},
     }
-    variant_results, warnings = export_variants(vae, paths, ex)
+    variant_results, warnings = export_variants(vae, files, ex)
     results.update(variant_results)
-    write_json(OUT, results)
+    write_json(paths.EXPORT_METRICS, results)
     if worst > ex.parity_atol:
         raise export.ExportError(
             f"ONNX parity failed: max abs error {worst:.3g} > export.parity_atol "
             f"{ex.parity_atol:g} ({errs})"
         )
     with tracking.run(params.mlflow.experiment, run_id=run_id):
-        import mlflow
-
-        mlflow.set_tag("onnx_provider", provider)
-        mlflow.log_metrics({f"export/{k}": v for k, v in results.items() if "parity" in k})
-        versions = log_models(vae, paths, sessions, ex, results)
+        tracking.set_tags({"onnx_provider": provider})
+        tracking.log_metrics({f"export/{k}": v for k, v in results.items() if "parity" in k})
+        versions = log_models(vae, files, sessions, ex, results)
     print(
-        f"export: {', '.join(str(p) for p in paths.values())} (opset {ex.opset}) and their "
+        f"export: {', '.join(str(p) for p in files.values())} (opset {ex.opset}) and their "
         f"fp16/int8 variants; onnxruntime ran on {provider}; parity max abs error {worst:.2e}"
     )
     if versions:

@@ -1,35 +1,93 @@
 """Stage train: fit the VAE on data/prepared, one MLflow run with every ELBO term per epoch.
 
-Writes models/vae.pt (weights + config + params), metrics/train.json (final figures and the
-MLflow run id that evaluate and export add to) and plots/train/curves.json (per-epoch curves).
-After every epoch, and on Ctrl-C / SIGTERM, the whole loop state goes to
-models/checkpoints/last.pt; the next run with the same params continues from it (train.resume).
+Writes models/vae.pt (the best epoch's weights + config + params), metrics/train.json (that
+epoch's figures, the data digests and the MLflow run id that evaluate and export add to) and
+plots/train/curves.json (per-epoch curves). After every epoch, and on Ctrl-C / SIGTERM, the
+whole loop state goes to models/checkpoints/last.pt; the next run with the same params
+continues from it (train.resume), in the same MLflow run.
+
+Reads top to bottom: the data, the model, the run, the fit, the outputs.
 """
 
+import _venv  # noqa: F401  (first: run with the project's packages)
+
+import contextlib
 import hashlib
 import json
-import re
 import time
-from pathlib import Path
 
 import torch
 
-from vaepipe import checkpoint, config, data, distributed, tracking
-from vaepipe.errors import exit_on_user_error
+from vaepipe import checkpoint, config, data, distributed, imagefiles, limits, paths, tracking
+from vaepipe.device import resolve_device, set_threads
+from vaepipe.errors import ConfigError, exit_on_user_error
 from vaepipe.fileio import write_json
 from vaepipe.model import VAE, VAEConfig
-from vaepipe.train import TrainingDiverged, fit, resolve_device, set_threads
+from vaepipe.train import EpochStats, TrainingDiverged, fit
 
-PREPARED = Path("data/prepared")
-MODEL = Path("models/vae.pt")
-CHECKPOINT = Path("models/checkpoints/last.pt")
-METRICS = Path("metrics/train.json")
-CURVES = Path("plots/train/curves.json")
+SAMPLES = 64  # prior samples (fixed z) in each per-epoch picture
+RECONSTRUCTIONS = 32  # fixed validation images, each row above its reconstructions
+# weights, gradients, Adam's two moments and the best epoch's copy
+BYTES_PER_PARAM = 5 * 4
 
 
-def load_tensor(name: str, device: torch.device) -> torch.Tensor:
-    split = data.load_split(PREPARED / f"{name}.npz")
+# --- the data --------------------------------------------------------------------------------
+
+
+def load_data(params: config.Params, device: torch.device) -> dict[str, data.Split]:
+    splits = {name: data.load_split(paths.prepared(name)) for name in ("train", "val")}
+    if params.train.batch_size > len(splits["train"].x):
+        raise ConfigError(
+            f"param 'train.batch_size' = {params.train.batch_size} is larger than the "
+            f"{len(splits['train'].x)} training examples"
+        )
+    return splits
+
+
+def to_tensor(split: data.Split, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(data.to_unit(split.x)).to(device)
+
+
+def log_datasets(params: config.Params, splits: dict[str, data.Split]) -> None:
+    """train and val as the run's dataset inputs: the UI's Dataset column and filter."""
+    source = data.source_location(params.data)
+    for name, context in (("train", "training"), ("val", "validation")):
+        split = splits[name]
+        tracking.log_dataset(
+            params.data.dataset,
+            source,
+            data.digest(split),
+            split.x,
+            split.y,
+            context,
+            tags={"split": name, "examples": str(len(split.x))},
+        )
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+def build_model(params: config.Params, image_shape, device: torch.device) -> VAE:
+    """The VAE of the params, seeded; a model too large for memory is refused first."""
+    cfg = VAEConfig.from_params(image_shape, params.model)
+    with torch.device("meta"):  # shapes only: counts the weights without allocating them
+        n_weights = sum(p.numel() for p in VAE(cfg).parameters())
+    limits.check_bytes(
+        f"params 'model.hidden' = {cfg.hidden}, 'model.channels' = {cfg.channels} and "
+        f"'model.latent_dim' = {cfg.latent_dim} make {n_weights:,} weights, whose training",
+        n_weights * BYTES_PER_PARAM,
+    )
+    torch.manual_seed(params.train.seed)
+    try:
+        return VAE(cfg).to(device)
+    except torch.OutOfMemoryError as e:  # a GPU smaller than the host's free memory
+        raise ConfigError(
+            f"the model of params 'model.*' ({n_weights:,} weights) does not fit on {device}: "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+# --- the run: resume, logging, per-epoch pictures ---------------------------------------------
 
 
 def fingerprint(params: config.Params, n_train: int) -> str:
@@ -44,70 +102,59 @@ def fingerprint(params: config.Params, n_train: int) -> str:
 
 
 def resume_state(params: config.Params, fp: str) -> dict | None:
-    if not params.train.resume or not CHECKPOINT.is_file():
+    if not params.train.resume or not paths.CHECKPOINT.is_file():
         return None
-    state = checkpoint.load_state(CHECKPOINT)
+    state = checkpoint.load_state(paths.CHECKPOINT)
     if state["fingerprint"] != fp:
-        print(f"train: {CHECKPOINT} was made with other params; starting afresh")
+        print(f"train: {paths.CHECKPOINT} was made with other params; starting afresh")
         return None
-    print(f"train: resuming from {CHECKPOINT} (epoch {state['epoch']}, batch {state['batch']})")
+    print(
+        f"train: resuming from {paths.CHECKPOINT} (epoch {state['epoch']}, batch {state['batch']})"
+    )
     return state
 
 
-@exit_on_user_error
-def main() -> None:
-    params = config.load("params.yaml")
-    # Under torchrun (WORLD_SIZE > 1): data-parallel, every rank trains, rank 0 writes.
-    with distributed.session(resolve_device(params.train.device)) as (group, device):
-        train(params, group, device)
+class EpochPictures:
+    """Grids of prior samples (fixed z) and of fixed validation images above their
+    reconstructions, logged as MLflow images with step = epoch at epoch 1, every `every`
+    epochs and the last: the UI's image view steps through training. Decoding uses mu, no
+    random draw, so the training RNG (and an exact resume) is untouched."""
+
+    def __init__(self, vae: VAE, x_val: torch.Tensor, cfg: config.TrainConfig):
+        gen = torch.Generator(device=x_val.device).manual_seed(cfg.seed)
+        self.z = torch.randn((SAMPLES, vae.cfg.latent_dim), generator=gen, device=x_val.device)
+        self.x = x_val[:RECONSTRUCTIONS]
+        self.vae, self.every, self.last = vae, cfg.image_every, cfg.epochs
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def __call__(self, epoch: int) -> None:
+        if not self.every or not (epoch == 1 or epoch % self.every == 0 or epoch == self.last):
+            return
+        t0 = time.perf_counter()
+        vae = self.vae
+        samples = vae.mean(vae.decode(self.z)).cpu().numpy()
+        recon = vae.mean(vae.decode(vae.encode(self.x)[0])).cpu().numpy()
+        pairs = imagefiles.interleave_rows(self.x.cpu().numpy(), recon)
+        for key, images in (("samples", samples), ("reconstructions", pairs)):
+            grid = imagefiles.to_uint8(imagefiles.grid(images, 8, imagefiles.GRID_PAD))
+            tracking.log_image(grid, key, epoch)
+        self.seconds += time.perf_counter() - t0
 
 
-def train(params: config.Params, group: distributed.Group, device: torch.device) -> None:
-    threads = set_threads(params.train.threads)
-    x_train, x_val = load_tensor("train", device), load_tensor("val", device)
-    if params.train.batch_size > len(x_train):
-        raise config.ConfigError(
-            f"param 'train.batch_size' = {params.train.batch_size} is larger than the "
-            f"{len(x_train)} training examples"
-        )
-    m = params.model
-    mcfg = VAEConfig(
-        image_shape=tuple(x_train.shape[1:]),
-        latent_dim=m.latent_dim,
-        hidden=list(m.hidden),
-        likelihood=m.likelihood,
-        gaussian_sigma=m.gaussian_sigma,
-        arch=m.arch,
-        channels=list(m.channels),
-        learn_sigma=m.learn_sigma,
-        min_sigma=m.min_sigma,
-    )
-    torch.manual_seed(params.train.seed)
-    try:
-        vae = VAE(mcfg).to(device)
-    except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # no memory for a layer
-        need = re.search(r"allocate (\d+) bytes", str(e))
-        why = f"one layer needs {int(need[1]) / 1e9:,.0f} GB" if need else str(e).split("\n")[0]
-        raise config.ConfigError(
-            f"params 'model.hidden' = {mcfg.hidden} and 'model.latent_dim' = {mcfg.latent_dim} "
-            f"make a model too large for {device} ({why[:200]})"
-        ) from None
-    fp = fingerprint(params, len(x_train))
-    state = distributed.broadcast_object(
-        resume_state(params, fp) if group.is_main else None, group
-    )
-    if not group.is_main:  # no MLflow, checkpoints or outputs: rank 0 writes those
-        fit(
-            vae,
-            x_train,
-            x_val,
-            params.train,
-            params.data.binarize,
-            resume=state,
-            progress=False,
-            group=group,
-        )
-        return
+def relog_missing_epochs(run_id: str, history: list[dict]) -> None:
+    """After an interruption the checkpoint may hold epochs MLflow never received (the store
+    was down): log them, so the resumed run's curves have no gap."""
+    logged = tracking.last_step(run_id, "train/loss")
+    for h in history:
+        stats = EpochStats(**h)
+        if stats.epoch > logged:
+            tracking.log_metrics(stats.metrics(), step=stats.epoch)
+
+
+@contextlib.contextmanager
+def open_run(params, state, device, group, splits):
+    """The MLflow run: a new one (params, dataset inputs), or the checkpoint's own run."""
     tags = tracking.run_tags(params.data.dataset, str(device))
     if group.enabled:
         tags["world_size"] = str(group.world_size)
@@ -116,79 +163,116 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
         if state and tracking.run_exists(params.mlflow.experiment, state["run_id"])
         else None
     )
+    with tracking.run(
+        params.mlflow.experiment, run_id=run_id, tags=tags, system_metrics=True
+    ) as run:
+        if run_id is None:
+            tracking.log_params(config.flatten(params))
+            log_datasets(params, splits)
+        elif state:
+            relog_missing_epochs(run_id, state["history"])
+        yield run
+
+
+# --- the outputs -----------------------------------------------------------------------------
+
+
+def write_outputs(params, vae, history, run_id, device, splits) -> EpochStats:
+    """models/vae.pt, plots/train/curves.json and metrics/train.json (deterministic figures
+    only: wall times go to MLflow); returns the best epoch's stats."""
+    last = history[-1]
+    best = history[last.best_epoch - 1]  # fit handed back this epoch's weights
+    checkpoint.save(paths.MODEL, vae, {"params": config.to_dict(params), "run_id": run_id})
+    curves = [
+        {
+            "epoch": h.epoch,
+            **{k.replace("/", "_"): v for k, v in h.metrics().items() if k != "epoch_seconds"},
+        }
+        for h in history
+    ]
+    write_json(paths.CURVES, curves)
+    write_json(
+        paths.TRAIN_METRICS,
+        {
+            "run_id": run_id,
+            "epochs": last.epoch,  # epochs run (fewer than train.epochs: early stopping)
+            "device": str(device),
+            "data_digest": {name: data.digest(split) for name, split in splits.items()},
+            **{k: v for k, v in best.metrics().items() if k != "epoch_seconds"},
+        },
+    )
+    return best
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+@exit_on_user_error
+def main() -> None:
+    params = config.load(paths.PARAMS)
+    # Under torchrun (WORLD_SIZE > 1): data-parallel, every rank trains, rank 0 writes.
+    with distributed.session(resolve_device(params.train.device)) as (group, device):
+        train(params, group, device)
+
+
+def fit_logged(args, state, fp: str, run_id: str, pictures: EpochPictures, group):
+    """fit with each epoch logged (metrics, pictures) and checkpointed; the history."""
+
+    def on_epoch_end(stats: EpochStats) -> None:
+        tracking.log_metrics(stats.metrics(), step=stats.epoch)
+        pictures(stats.epoch)
+
+    def on_checkpoint(loop_state: dict) -> None:
+        checkpoint.save_state(
+            paths.CHECKPOINT, {**loop_state, "fingerprint": fp, "run_id": run_id}
+        )
+
+    try:
+        return fit(*args, on_epoch_end, on_checkpoint, resume=state, group=group)
+    except TrainingDiverged as e:
+        kept = (
+            f"the last good checkpoint stays in {paths.CHECKPOINT}"
+            if paths.CHECKPOINT.is_file()
+            else "no epoch finished, so there is no checkpoint"
+        )
+        raise TrainingDiverged(
+            f"{e}; MLflow run {run_id} is marked FAILED and {kept}; a lower train.lr usually helps"
+        ) from None
+
+
+def train(params: config.Params, group: distributed.Group, device: torch.device) -> None:
+    threads = set_threads(params.train.threads)
+    splits = load_data(params, device)
+    x_train, x_val = to_tensor(splits["train"], device), to_tensor(splits["val"], device)
+    vae = build_model(params, tuple(x_train.shape[1:]), device)
+    fp = fingerprint(params, len(x_train))
+    state = distributed.broadcast_object(
+        resume_state(params, fp) if group.is_main else None, group
+    )
+    args = (vae, x_train, x_val, params.train, params.data.binarize)
+    if not group.is_main:  # no MLflow, checkpoints or outputs: rank 0 writes those
+        fit(*args, resume=state, progress=False, group=group)
+        return
     ranks = f", {group.world_size} processes (torchrun)" if group.enabled else ""
     print(
         f"train: {len(x_train)} examples {tuple(x_train.shape[1:])} on {device}, "
         f"{threads} threads{ranks}"
     )
-    with tracking.run(params.mlflow.experiment, run_id=run_id, tags=tags) as run:
-        import mlflow
-
-        if run_id is None:
-            mlflow.log_params(config.flatten(params))
-
-        def on_epoch_end(stats):
-            tracking.log_epoch(stats.metrics(), step=stats.epoch)
-
-        saved = {"epoch": state["epoch"] if state else None}
-
-        def on_checkpoint(loop_state):
-            saved["epoch"] = loop_state["epoch"]
-            checkpoint.save_state(
-                CHECKPOINT, {**loop_state, "fingerprint": fp, "run_id": run.info.run_id}
-            )
-
+    with open_run(params, state, device, group, splits) as run:
+        run_id = run.info.run_id
+        pictures = EpochPictures(vae, x_val, params.train)
         t0 = time.perf_counter()
-        try:
-            history = fit(
-                vae,
-                x_train,
-                x_val,
-                params.train,
-                params.data.binarize,
-                on_epoch_end,
-                on_checkpoint,
-                resume=state,
-                group=group,
-            )
-        except TrainingDiverged as e:
-            kept = (
-                f"the last good checkpoint stays in {CHECKPOINT}"
-                if CHECKPOINT.is_file()
-                else "no epoch finished, so there is no checkpoint"
-            )
-            raise TrainingDiverged(
-                f"{e}; MLflow run {run.info.run_id} is marked FAILED and {kept}; "
-                "a lower train.lr usually helps"
-            ) from None
+        history = fit_logged(args, state, fp, run_id, pictures, group)
         seconds = time.perf_counter() - t0
-        last = history[-1]
-        best = history[last.best_epoch - 1]  # fit handed back this epoch's weights
-        checkpoint.save(MODEL, vae, {"params": config.to_dict(params), "run_id": run.info.run_id})
-        # DVC outputs hold the deterministic figures only; wall times go to MLflow.
-        curves = [
-            {
-                "epoch": h.epoch,
-                **{k.replace("/", "_"): v for k, v in h.metrics().items() if k != "epoch_seconds"},
-            }
-            for h in history
-        ]
-        write_json(CURVES, curves)
-        write_json(
-            METRICS,
-            {
-                "run_id": run.info.run_id,
-                "epochs": last.epoch,  # epochs run (fewer than train.epochs: early stopping)
-                "device": str(device),
-                **{k: v for k, v in best.metrics().items() if k != "epoch_seconds"},
-            },
-        )
-        mlflow.log_metrics({"train_seconds": seconds, "epochs_run": last.epoch})
-    stopped = f", stopped early after {last.epoch}" if last.epoch < params.train.epochs else ""
+        best = write_outputs(params, vae, history, run_id, device, splits)
+        run_figures = {"train_seconds": seconds, "epochs_run": history[-1].epoch}
+        tracking.log_metrics({**run_figures, "epoch_images_seconds": pictures.seconds})
+    stopped = history[-1].epoch
+    stopped = f", stopped early after {stopped}" if stopped < params.train.epochs else ""
     print(
-        f"train: done in {seconds:.1f}s{stopped}; best epoch {best.epoch}: val ELBO "
-        f"{best.val['elbo']:.2f} nats (recon {best.val['recon']:.2f}, KL {best.val['kl']:.2f})"
-        f"; MLflow run {run.info.run_id}"
+        f"train: done in {seconds:.1f}s{stopped} (per-epoch pictures {pictures.seconds:.2f}s); "
+        f"best epoch {best.epoch}: val ELBO {best.val['elbo']:.2f} nats "
+        f"(recon {best.val['recon']:.2f}, KL {best.val['kl']:.2f}); MLflow run {run_id}"
     )
 
 

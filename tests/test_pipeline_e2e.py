@@ -1,10 +1,14 @@
 """End to end: `dvc repro` in a temp git repo on tiny data with a real sqlite MLflow store."""
 
+import json
+import os
 import sqlite3
+import stat
+import sys
 
 import numpy as np
 import pytest
-from _project import PER_EPOCH_METRICS, make_project, set_params, sh
+from _project import PER_EPOCH_METRICS, clean_env, make_project, set_params, sh
 
 EPOCHS = 3
 
@@ -13,8 +17,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = make_project(tmp_path_factory.mktemp("project"), **{"train.epochs": EPOCHS})
-    first = sh(repo, "dvc", "repro")
+    repo = make_project(
+        tmp_path_factory.mktemp("project"), **{"train.epochs": EPOCHS, "train.image_every": 2}
+    )
+    previous = os.umask(0o022)  # the outputs must follow it, whatever the tests' own
+    try:
+        # the system-metrics sampler logs every 10 s by default: longer than this tiny run
+        first = sh(
+            repo, "dvc", "repro", env=clean_env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
+        )
+    finally:
+        os.umask(previous)
     return repo, first
 
 
@@ -113,3 +126,123 @@ def test_bad_param_fails_cleanly_and_keeps_outputs(repo):
     assert "error: param 'model.latent_dim' = 0 is out of range" in out
     assert "Traceback" not in out
     assert (repo / "models/vae.pt").read_bytes() == before
+
+
+def _run_id(repo) -> str:
+    return json.loads((repo / "metrics/train.json").read_text())["run_id"]
+
+
+def test_outputs_honour_the_umask(repo):
+    repo, _ = repo
+    files = [
+        *repo.glob("metrics/*.json"),
+        *repo.glob("data/prepared/*.npz"),
+        *repo.glob("plots/evaluate/*"),
+        *repo.glob("models/*.onnx"),
+        repo / "models/vae.pt",
+        repo / "plots/train/curves.json",
+    ]
+    assert len(files) > 20
+    modes = {str(f.relative_to(repo)): stat.S_IMODE(f.stat().st_mode) for f in files}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_run_shows_its_data_per_epoch_pictures_and_system_metrics(repo):
+    import mlflow
+
+    repo, _ = repo
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(_run_id(repo))
+    inputs = {i.tags[0].value if i.tags else "": i.dataset for i in run.inputs.dataset_inputs}
+    digests = json.loads((repo / "metrics/train.json").read_text())["data_digest"]
+    test_digest = json.loads((repo / "metrics/evaluate.json").read_text())["data_digest"]
+    by_context = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+        for i in run.inputs.dataset_inputs
+    }
+    assert inputs and set(by_context) == {"training", "validation", "evaluation"}
+    assert by_context["training"].digest == digests["train"]
+    assert by_context["validation"].digest == digests["val"]
+    assert by_context["evaluation"].digest == test_digest
+    assert {d.name for d in by_context.values()} == {"digits"}
+    assert "digits.csv.gz" in by_context["training"].source
+    # image_every 2 over 3 epochs: epochs 1, 2 and the last, for both grids
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    for key in ("samples", "reconstructions"):
+        steps = sorted(
+            int(p.split("+step+")[1].split("+")[0])  # images/<key>+step+<n>+timestamp+...
+            for p in images
+            if p.startswith(f"images/{key}+") and p.endswith(".png")
+        )
+        assert steps == [1, 2, 3], images
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
+    assert run.data.metrics["epoch_images_seconds"] < run.data.metrics["train_seconds"]
+
+
+def test_code_edits_rerun_exactly_the_stages_that_import_the_code(repo):
+    repo, _ = repo
+
+    def changed_stages() -> set[str]:
+        status = json.loads(sh(repo, "dvc", "status", "--json").stdout or "{}")
+        return set(status)
+
+    sh(repo, "dvc", "repro")  # whatever earlier tests left changed
+    assert changed_stages() == set()
+    for module in ("cli.py", "serving.py", "compare.py"):
+        path = repo / "src" / "vaepipe" / module
+        original = path.read_text()
+        path.write_text(original + "\n# an appended comment\n")
+        try:
+            assert changed_stages() == set(), module
+        finally:
+            path.write_text(original)
+    path = repo / "src" / "vaepipe" / "elbo.py"
+    original = path.read_text()
+    path.write_text(original + "\n# an appended comment\n")
+    try:
+        assert changed_stages() == {"train", "evaluate", "export"}
+    finally:
+        path.write_text(original)
+    assert changed_stages() == set()
+
+
+def test_a_model_too_large_for_memory_is_refused_before_any_allocation(repo):
+    repo, _ = repo
+    set_params(repo, **{"model.hidden": [1048576, 1048576]})
+    try:
+        proc = sh(repo, sys.executable, "pipeline/train.py", check=False, timeout=120)
+    finally:
+        set_params(repo, **{"model.hidden": [32]})
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: params 'model.hidden' = [1048576, 1048576]")
+    assert "the limit here is" in err[0] and "Traceback" not in proc.stderr
+
+
+def test_stages_run_by_the_venv_dvc_without_activating_it(repo, tmp_path):
+    """`.venv/bin/dvc repro` from a shell whose `python3` is the system one (no packages)."""
+    repo, _ = repo
+    system_python = "/usr/bin/python3"
+    if (
+        not os.path.exists(system_python)
+        or not sh(repo, system_python, "-c", "import numpy", check=False).returncode
+    ):
+        pytest.skip("no system python3 without numpy to stand in for an unactivated shell")
+    dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
+    env = {k: v for k, v in clean_env().items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"
+    # no .venv in this project: one line saying what to do, no traceback
+    proc = sh(repo, dvc, "repro", "-f", "-s", "prepare", env=env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert "cannot import" in proc.stderr and "make install" in proc.stderr
+    # with the project's .venv (here a stand-in that runs the tests' interpreter): it runs
+    venv_python = repo / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    venv_python.chmod(0o755)
+    try:
+        proc = sh(repo, dvc, "repro", "-f", "-s", "prepare", env=env, check=False)
+    finally:
+        venv_python.unlink()
+    assert proc.returncode == 0, proc.stderr
+    assert "prepare: train" in proc.stdout

@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _project import make_project, sh
+from _project import make_project, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +100,26 @@ def test_iwae_objective_with_cosine_lr_and_a_continuous_bernoulli_exp(tmp_path):
     (x_mean,) = dec.run(None, {"z": np.zeros((2, 4), np.float32)})
     assert ((0 < x_mean) & (x_mean < 1)).all()
     assert _json(repo, "export.json")["parity_max_abs_err"] < 1e-4
+
+
+def test_a_changed_source_file_reruns_prepare(tmp_path):
+    """data.root is a dependency of prepare: a user's npz (or IDX file) changing under it is
+    seen by the next `dvc repro`; a file outside it is read, with a note that DVC won't see it."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    np.savez(raw / "mine.npz", x=rng.integers(0, 256, (60, 6, 6), dtype=np.uint8))
+    repo = make_project(tmp_path, **{"data.dataset": "npz", "data.npz_path": "data/raw/mine.npz"})
+    first = sh(repo, "dvc", "repro", "prepare")
+    assert "digest" in first.stdout and "note:" not in first.stdout
+    assert json.loads(sh(repo, "dvc", "status", "--json", "prepare").stdout or "{}") == {}
+    np.savez(raw / "mine.npz", x=rng.integers(0, 256, (60, 6, 6), dtype=np.uint8))
+    status = json.loads(sh(repo, "dvc", "status", "--json", "prepare").stdout)
+    assert "prepare" in status, status
+    again = sh(repo, "dvc", "repro", "prepare")
+    assert "Running stage 'prepare'" in again.stdout
+    outside = tmp_path / "elsewhere.npz"
+    np.savez(outside, x=rng.integers(0, 256, (60, 6, 6), dtype=np.uint8))
+    set_params(repo, **{"data.npz_path": str(outside)})
+    noted = sh(repo, "dvc", "repro", "prepare")
+    assert "note: " in noted.stdout and "outside data.root" in noted.stdout
