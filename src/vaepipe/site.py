@@ -1,0 +1,298 @@
+"""`vaepipe site`: a static latent explorer of decoder.onnx that runs in the browser.
+
+The site is the page (index.html, app.js, sampling.js, style.css: package data in vaepipe/web),
+the decoder (and its fp16 variant for WebGPU, when the export stage wrote one), model.json (what
+the page needs: contract, model card, latent dims ordered by activity) and onnxruntime-web's
+runtime files, copied from the npm package `make web` pins (never a CDN): it works offline
+behind any static server (`python -m http.server`). The decoder's contract is checked at build
+time (vaepipe.contract), so a model the page cannot run never becomes a site.
+
+numpy, onnx and the standard library only (no torch, no matplotlib), like the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from vaepipe import paths
+from vaepipe.contract import read_decoder
+from vaepipe.errors import VaepipeError
+
+DECODER = str(paths.DECODER)
+KL_PER_DIM = str(paths.KL_PER_DIM)
+RUNTIME_DIR = "web/node_modules/onnxruntime-web/dist"
+# ort.webgpu.min.mjs holds both the WebGPU and the WASM execution providers; it loads the
+# asyncify build of the WASM runtime next to it (the other dist files are never fetched).
+RUNTIME_FILES = (
+    "ort.webgpu.min.mjs",
+    "ort-wasm-simd-threaded.asyncify.mjs",
+    "ort-wasm-simd-threaded.asyncify.wasm",
+)
+PAGE_FILES = ("index.html", "app.js", "sampling.js", "style.css")
+GENERATOR = "vaepipe site"  # marks a folder this command built, so a rebuild may replace it
+
+
+class SiteError(VaepipeError):
+    pass
+
+
+# --- what the page shows -----------------------------------------------------------------------
+
+
+def _number(meta: dict[str, str], *keys: str) -> float | None:
+    for k in keys:
+        try:
+            value = float(meta[k])
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(value):
+            return value
+    return None
+
+
+def model_card(meta: dict[str, str]) -> dict[str, str]:
+    """The card's rows as text; a figure the metadata lacks is 'n/a'."""
+    nll = _number(meta, "test_nll_iwae")
+    k = _number(meta, "test_nll_iwae_k", "iwae_k")
+    n = _number(meta, "test_nll_iwae_n", "iwae_n")
+    nll_text = "n/a"
+    if nll is not None:
+        how = ", ".join(f"{s}={v:.0f}" for s, v in (("k", k), ("n", n)) if v is not None)
+        nll_text = f"{nll:.2f} nats" + (f" (IWAE, {how})" if how else " (IWAE)")
+    rows = {"dataset": meta.get("dataset"), "likelihood": meta.get("likelihood"), "nll": nll_text}
+    for key, meta_key in (
+        ("run_id", "mlflow_run_id"),
+        ("git_commit", "git_commit"),
+        ("opset", "opset"),
+        ("precision", "precision"),
+    ):
+        rows[key] = meta.get(meta_key) or "n/a"
+    return {k: v or "n/a" for k, v in rows.items()}
+
+
+def _kl_rows_from_file(path: Path, latent_dim: int) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SiteError(f"--kl-per-dim {path}: cannot read it as JSON ({e})") from None
+    keys = {"dim", "kl", "activity", "active"}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and keys <= set(r) for r in rows):
+        raise SiteError(
+            f"--kl-per-dim {path}: expected a list of {{dim, kl, activity, active}} rows, as the "
+            "evaluate stage writes"
+        )
+    dims = sorted(r["dim"] for r in rows)
+    if dims != list(range(latent_dim)):
+        raise SiteError(
+            f"--kl-per-dim {path} has {len(rows)} rows (dims {dims[:3]}...) but the decoder has "
+            f"latent_dim {latent_dim}: is it from another model?"
+        )
+    return [
+        {
+            "dim": int(r["dim"]),
+            "kl": float(r["kl"]),
+            "activity": float(r["activity"]),
+            "active": bool(r["active"]),
+        }
+        for r in rows
+    ]
+
+
+def _kl_from_meta(meta: dict[str, str], latent_dim: int) -> list[float] | None:
+    """Per-dim KL from metadata `kl_per_dim` (a JSON list or comma-separated), if it fits."""
+    text = meta.get("kl_per_dim", "").strip()
+    if not text:
+        return None
+    try:
+        values = json.loads(text) if text.startswith("[") else text.split(",")
+        values = [float(v) for v in values]
+    except (ValueError, TypeError):
+        return None
+    return values if len(values) == latent_dim else None
+
+
+def latent_dims(meta: dict[str, str], latent_dim: int, kl_path: Path | None) -> dict:
+    """The sliders' dims in display order, whether each is active, and where that came from.
+
+    Evaluate's kl_per_dim.json orders by activity (Cov_x E_q[z_d]) and says which dims are active
+    (the rest go behind a toggle); the metadata's per-dim KL alone orders by KL and hides none;
+    with neither, all dims in index order.
+    """
+    if kl_path is not None:
+        rows = sorted(
+            _kl_rows_from_file(kl_path, latent_dim), key=lambda r: (-r["activity"], r["dim"])
+        )
+        n_active = sum(r["active"] for r in rows)
+        note = f"{n_active} of {latent_dim} dims active, ordered by activity ({kl_path.name})"
+        return {"rows": rows, "hide_inactive": True, "source": str(kl_path), "note": note}
+    kl = _kl_from_meta(meta, latent_dim)
+    if kl is not None:
+        rows = [{"dim": d, "kl": k, "activity": None, "active": True} for d, k in enumerate(kl)]
+        rows.sort(key=lambda r: (-r["kl"], r["dim"]))
+        note = "ordered by per-dim KL from the model's metadata (no activity figures: all shown)"
+        return {"rows": rows, "hide_inactive": False, "source": "metadata", "note": note}
+    rows = [{"dim": d, "kl": None, "activity": None, "active": True} for d in range(latent_dim)]
+    note = f"no per-dim KL given ({KL_PER_DIM} not found): all dims in index order"
+    return {"rows": rows, "hide_inactive": False, "source": None, "note": note}
+
+
+def prior_sample(seed: int, n: int, dim: int, temperature: float = 1.0) -> np.ndarray:
+    """The page's z [n, dim] for `seed`: mulberry32 uniforms (seed taken mod 2^32) turned into
+    N(0, 1) pairs by Box-Muller, row-major, times `temperature`, as float32. The uniforms are
+    exact; log/cos/sin of V8 and of the C library may differ in a double's last bit, so a float32
+    can (rarely) differ by one ulp."""
+    mask = 0xFFFFFFFF
+    state = seed & mask
+
+    def uniform() -> float:
+        nonlocal state
+        state = (state + 0x6D2B79F5) & mask
+        t = ((state ^ (state >> 15)) * (state | 1)) & mask
+        t = ((t + (((t ^ (t >> 7)) * (t | 61)) & mask)) & mask) ^ t
+        return ((t ^ (t >> 14)) & mask) / 2**32
+
+    out = np.empty(n * dim, np.float64)
+    for i in range(0, n * dim, 2):
+        r = math.sqrt(-2.0 * math.log(1.0 - uniform()))
+        angle = 2.0 * math.pi * uniform()
+        out[i] = r * math.cos(angle)
+        if i + 1 < len(out):
+            out[i + 1] = r * math.sin(angle)
+    return (temperature * out).astype(np.float32).reshape(n, dim)
+
+
+# --- building the folder -----------------------------------------------------------------------
+
+
+def runtime_files(runtime_dir: Path) -> tuple[list[Path], str]:
+    """onnxruntime-web's files to copy and its version; SiteError naming `make web` if absent."""
+    missing = [f for f in RUNTIME_FILES if not (runtime_dir / f).is_file()]
+    if missing:
+        raise SiteError(
+            f"onnxruntime-web runtime files missing in {runtime_dir} ({', '.join(missing)}): "
+            "run `make web` (npm ci --prefix web) first"
+        )
+    try:
+        version = json.loads((runtime_dir.parent / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        version = "unknown"
+    return [runtime_dir / f for f in RUNTIME_FILES], version
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a folder this command did not build (e.g. --out . by mistake)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SiteError(f"--out {out} exists and is not a folder")
+    try:
+        built = json.loads((out / "model.json").read_text()).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        built = False
+    if not built and any(out.iterdir()):
+        raise SiteError(
+            f"--out {out} exists and is not a site `vaepipe site` built; remove it or choose "
+            "another folder"
+        )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`, replacing an earlier build of it."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def build_site(out: Path, decoder: Path, runtime_dir: Path, kl_path: Path | None = None) -> dict:
+    """Write the site into a temp folder beside `out`, then rename it to `out`: a failure leaves
+    `out` as it was. Returns model.json's content."""
+    info = read_decoder(decoder)
+    fp16 = decoder.with_name(f"{decoder.stem}.fp16{decoder.suffix}")
+    if fp16.is_file():
+        read_decoder(fp16)  # same contract (keep_io_types: float32 in and out)
+    runtime, version = runtime_files(runtime_dir)
+    _check_out(out)
+    config = {
+        "generator": GENERATOR,
+        "input": "z",
+        "output": "x_mean",
+        "latent_dim": info.latent_dim,
+        "image_shape": list(info.image_shape),
+        "models": {
+            "fp32": "decoder.onnx",
+            "fp16": "decoder.fp16.onnx" if fp16.is_file() else None,
+        },
+        "card": model_card(info.metadata),
+        "dims": latent_dims(info.metadata, info.latent_dim, kl_path),
+        "runtime": {
+            "package": "onnxruntime-web",
+            "version": version,
+            "module": "ort/" + RUNTIME_FILES[0],
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        page = resources.files("vaepipe") / "web"
+        for name in PAGE_FILES:
+            (tmp / name).write_bytes((page / name).read_bytes())
+        shutil.copyfile(decoder, tmp / "decoder.onnx")
+        if fp16.is_file():
+            shutil.copyfile(fp16, tmp / "decoder.fp16.onnx")
+        (tmp / "ort").mkdir()
+        for src in runtime:
+            shutil.copyfile(src, tmp / "ort" / src.name)
+        (tmp / "model.json").write_text(json.dumps(config, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a static server may run as another user
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return config
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def cmd_site(args) -> str:
+    kl_path = Path(args.kl_per_dim) if args.kl_per_dim else Path(KL_PER_DIM)
+    if args.kl_per_dim is None and not kl_path.is_file():
+        kl_path = None  # the default is optional; an explicit path must exist
+    elif not kl_path.is_file():
+        raise SiteError(f"--kl-per-dim {kl_path} does not exist (the evaluate stage writes it)")
+    out = Path(args.out)
+    config = build_site(out, Path(args.decoder), Path(args.runtime), kl_path)
+    fp16 = " + fp16" if config["models"]["fp16"] else ""
+    return (
+        f"{args.decoder}{fp16} + onnxruntime-web {config['runtime']['version']} -> {out}/ "
+        f"(serve it: python -m http.server --directory {out})"
+    )
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("site", help="a static web page that decodes samples in the browser")
+    p.add_argument("--out", default="site", help="folder to write (default: site)")
+    p.add_argument("--decoder", default=DECODER, help=f"decoder ONNX (default: {DECODER})")
+    p.add_argument(
+        "--kl-per-dim",
+        help=f"evaluate's per-dim KL/activity rows for the sliders (default: {KL_PER_DIM} "
+        "when present)",
+    )
+    p.add_argument(
+        "--runtime",
+        default=RUNTIME_DIR,
+        help=f"onnxruntime-web's dist folder (default: {RUNTIME_DIR}, made by `make web`)",
+    )
+    p.set_defaults(fn=cmd_site)
