@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _project import vae_cfg
 from PIL import Image
 
 from vaepipe import cli, export, runtime
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.model import VAE
 
 BIN = Path(sys.executable).parent
 
@@ -20,7 +21,7 @@ BIN = Path(sys.executable).parent
 def models(tmp_path_factory):
     """encoder.onnx, decoder.onnx and decoder.int8.onnx of a tiny VAE, exported once."""
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])).eval()
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])).eval()
     out = tmp_path_factory.mktemp("models")
     paths = export.export_models(vae, out, opset=18, metadata={"dataset": "digits"})
     export.to_int8(paths["decoder"], out / "decoder.int8.onnx")
@@ -246,3 +247,59 @@ def test_console_script_runs_without_torch(models, tmp_path):
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error: ") and "missing.npz does not exist" in bad.stderr
+
+
+def _npz_claiming_rows(path: Path, rows: int, width: int) -> None:
+    """An .npz whose z.npy header says [rows, width] float32 but holds no data: only a reader
+    that allocates before checking would notice the size the hard way."""
+    import zipfile
+
+    header = {"descr": "<f4", "fortran_order": False, "shape": (rows, width)}
+    with zipfile.ZipFile(path, "w") as zf, zf.open("z.npy", "w") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--n", 100_000_000, "--out", "{tmp}/s.npz"], "--n = 100,000,000 needs"),
+        (["generate", "--n", 1_000_000, "--out", "{tmp}/g.png"], "--n = 1,000,000 images make"),
+        (
+            ["interpolate", "--pairs", 10**9, "--steps", 10, "--out", "{tmp}/i.npz"],
+            "--pairs x --steps = 10,000,000,000 needs",
+        ),
+        (["decode", "{tmp}/huge.npz", "--out", "{tmp}/d.npz"], "file {tmp}/huge.npz needs"),
+    ],
+)
+def test_sizes_beyond_memory_end_with_the_value_and_the_limit(
+    models, tmp_path, capsys, argv, message
+):
+    import time
+
+    _npz_claiming_rows(tmp_path / "huge.npz", 10**10, 3)
+    argv = [str(a).format(tmp=tmp_path) for a in argv]
+    model = models["decoder"]
+    start = time.perf_counter()
+    assert run(*argv, "--model", model) == 2
+    assert time.perf_counter() - start < 5  # refused up front, not after allocating
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert message.format(tmp=tmp_path) in err[0] and "limit" in err[0]
+    assert not list(tmp_path.glob("[sgid].*"))  # nothing written
+
+
+def test_files_written_by_the_cli_follow_the_umask(models, tmp_path):
+    import os
+    import stat
+
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        previous = os.umask(mask)
+        try:
+            out = tmp_path / f"g{mask:o}.png"
+            assert run("generate", "--model", models["decoder"], "--n", 4, "--out", out) == 0
+            npz = tmp_path / f"s{mask:o}.npz"
+            assert run("generate", "--model", models["decoder"], "--n", 4, "--out", npz) == 0
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE(out.stat().st_mode) == mode
+        assert stat.S_IMODE(npz.stat().st_mode) == mode

@@ -8,17 +8,18 @@ second on CPU. Every command prints the onnxruntime provider that actually ran.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from vaepipe import imagefiles, runtime
+from vaepipe import imagefiles, limits, paths, runtime, site
 from vaepipe.errors import DataError, VaepipeError, exit_on_user_error
 
-ENCODER = "models/encoder.onnx"
-DECODER = "models/decoder.onnx"
+ENCODER = str(paths.ENCODER)
+DECODER = str(paths.DECODER)
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -53,16 +54,27 @@ def _latent_dim(sess: runtime.Session) -> int:
     return shape[1]
 
 
+def _check_decoded(what: str, rows: int, sess: runtime.Session, out: Path, cols: int) -> None:
+    """Before decoding: `rows` latents and their images fit in memory, and in a PNG grid."""
+    image = [d if isinstance(d, int) else 1 for d in sess.session.get_outputs()[0].shape[1:]]
+    hint = "ask for fewer, or split the work over several calls"
+    limits.check_rows(what, rows, 4 * (math.prod(image) + _latent_dim(sess)), hint)
+    if out.suffix == ".png":
+        imagefiles.check_grid(what, rows, cols, image)
+
+
 # --- commands --------------------------------------------------------------------------------
 
 
 def cmd_generate(args) -> str:
     out = _check_out(args.out, (".png", ".npz"))
     sess = _open(args)
+    cols = args.cols or int(np.ceil(np.sqrt(args.n)))
+    _check_decoded("--n", args.n, sess, out, cols)
     rng = np.random.default_rng(args.seed)
     z = args.temperature * rng.standard_normal((args.n, _latent_dim(sess)), dtype=np.float32)
     x = sess.run_batched(z, args.batch_size)[sess.output_names[0]]
-    imagefiles.save_images(out, x, args.cols or int(np.ceil(np.sqrt(args.n))), {"z": z})
+    imagefiles.save_images(out, x, cols, {"z": z})
     return f"{args.n} samples (seed {args.seed}) -> {out}"
 
 
@@ -88,8 +100,10 @@ def cmd_decode(args) -> str:
     keys = (args.key,) if args.key else ("z", "mu")
     key, z, _ = imagefiles.load_npz(Path(args.latents), keys)
     z = sess.check(z)
+    cols = args.cols or int(np.ceil(np.sqrt(len(z))))
+    _check_decoded(f"the latents in {args.latents}", len(z), sess, out, cols)
     x = sess.run_batched(z, args.batch_size)[sess.output_names[0]]
-    imagefiles.save_images(out, x, args.cols or int(np.ceil(np.sqrt(len(z)))), {"z": z})
+    imagefiles.save_images(out, x, cols, {"z": z})
     return f"{len(z)} latents ('{key}' of {args.latents}) -> {out}"
 
 
@@ -109,6 +123,9 @@ def cmd_interpolate(args) -> str:
     out = _check_out(args.out, (".png", ".npz"))
     sess = _open(args)
     dim = _latent_dim(sess)
+    n_paths = 1 if args.latents else args.pairs
+    what = "--steps" if args.latents else "--pairs x --steps"
+    _check_decoded(what, n_paths * args.steps, sess, out, args.steps)
     if args.latents:
         _, z, _ = imagefiles.load_npz(Path(args.latents), ("z", "mu"))
         z = sess.check(z)
@@ -223,13 +240,8 @@ def _common(p: argparse.ArgumentParser, model: str, precision: bool = True) -> N
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vaepipe",
-        description="Run an exported VAE with onnxruntime: sample, encode, decode, interpolate.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_model_commands(sub) -> None:
+    """generate, encode, decode, interpolate: the exported graphs at work."""
     p = sub.add_parser("generate", help="sample z ~ N(0, I) and decode it")
     _common(p, DECODER)
     p.add_argument("--n", type=_positive, default=64, help="number of samples (64)")
@@ -268,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="interp.png (one row per path) or .npz")
     p.set_defaults(fn=cmd_interpolate)
 
+
+def _add_inspection_commands(sub) -> None:
+    """info, runs, site: what the models are, how the runs compare, a page to explore them."""
     p = sub.add_parser("info", help="providers, and each model's inputs, opset and metadata")
     p.add_argument(
         "models", nargs="*", help=f"ONNX files (default: {ENCODER} and {DECODER} if present)"
@@ -285,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x", default="model.latent_dim", help="param on the plot's x axis")
     p.add_argument("--hue", help="param drawn as one line per value, e.g. train.beta")
     p.set_defaults(fn=cmd_runs)
+    site.add_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaepipe",
+        description="Run an exported VAE with onnxruntime: sample, encode, decode, interpolate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model_commands(sub)
+    _add_inspection_commands(sub)
     return parser
 
 
