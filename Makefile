@@ -3,26 +3,50 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+LOCK := requirements.lock
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install dataset lint ui clean
+.PHONY: run test install dataset lint ui clean lock
 
 run: install dataset
 	dvc repro
 
-test: install
+test: install web
 	pytest
 
 install: $(VENV)/.installed
 
-# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build. Then every
+# other package at the exact version of requirements.lock (made on x86-64 Linux, where CI runs;
+# elsewhere pyproject's ranges, with a note), then the project itself.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
+	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then \
+		$(BIN)/pip install --quiet -r $(LOCK); \
+	else \
+		echo "note: $(LOCK) pins x86-64 Linux; installing from pyproject's ranges instead"; \
+	fi
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
+
+# Refresh requirements.lock: a fresh virtualenv with the pinned torch and `.[dev]` at the newest
+# versions pyproject allows, frozen (torch, pinned above, and the project itself left out).
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet $(TORCH)
+	.lock-venv/bin/pip install --quiet ".[dev]"
+	{ echo "# The whole Python environment of vaepipe, exact versions (x86-64 Linux, Python $$(.lock-venv/bin/python -c 'import sys; print(*sys.version_info[:2], sep=".")')),"; \
+	  echo "# made by \`make lock\` on $$(date -u +%Y-%m-%d); \`make install\` and CI install from it."; \
+	  echo "# torch is installed first and pinned by the Makefile ($(TORCH))."; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|vaepipe)( |=|@)'; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 # Debian's dataset-fashion-mnist where apt-get is usable; otherwise the prepare stage downloads
 # the IDX files into data/raw (SHA-256 checked).
@@ -47,3 +71,21 @@ ui: install
 
 clean:
 	rm -rf data/prepared models metrics plots dvc.lock
+
+# onnxruntime-web for `vaepipe site`, pinned by web/package-lock.json; reinstalled when the lock
+# is newer than the install. No install scripts: the site only copies files from its dist/.
+.PHONY: web
+web: web/node_modules/.package-lock.json
+
+web/node_modules/.package-lock.json: web/package-lock.json web/package.json
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# The team stack on this machine (scripts/team.py): PostgreSQL, an S3 store (SeaweedFS) and an
+# MLflow server on 127.0.0.1, kept in .team/; `up` prints MLFLOW_TRACKING_URI and the DVC remote.
+.PHONY: team-up team-down
+team-up: install
+	$(BIN)/python scripts/team.py up
+
+team-down:
+	$(PYTHON) scripts/team.py down
