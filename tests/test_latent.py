@@ -77,10 +77,20 @@ def test_subsample_is_seeded_sorted_and_bounded():
 
 @pytest.mark.parametrize("d", [1, 2, 5])
 def test_project_2d(d):
-    xy, names = latent.project_2d(np.random.default_rng(0).normal(size=(50, d)))
-    assert xy.shape == (50, 2) and len(names) == 2
-    if d > 2:
-        assert names[0].startswith("PC 1")
+    # latents with one known direction of large variance, one of medium, the rest small
+    rng = np.random.default_rng(0)
+    scales = np.array([5.0, 2.0, 0.3, 0.2, 0.1])[:d]
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    mu = (rng.normal(size=(400, d)) * scales) @ rotation.T
+    xy, names = latent.project_2d(mu)
+    assert xy.shape == (400, 2) and len(names) == 2
+    if d <= 2:
+        assert np.array_equal(xy[:, :d], mu)  # the latents themselves, not a projection
+        return
+    var = xy.var(axis=0)
+    assert names[0].startswith("PC 1") and var[0] > var[1]  # the first axis varies most
+    # ...and the two axes are the two largest variance directions: 5^2 and 2^2 here
+    assert var[0] == pytest.approx(25, rel=0.15) and var[1] == pytest.approx(4, rel=0.15)
 
 
 def test_traversal_moves_one_dim_per_row():

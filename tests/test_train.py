@@ -6,14 +6,13 @@ import threading
 
 import pytest
 import torch
-from _project import PER_EPOCH_METRICS, proto_data
+from _project import PER_EPOCH_METRICS, proto_data, train_cfg, vae_cfg
 
-from vaepipe.config import TrainConfig
 from vaepipe.distributed import Step
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.model import VAE
 from vaepipe.train import TrainingDiverged, fit
 
-CFG = VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
+CFG = vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[32])
 
 
 data = proto_data
@@ -30,7 +29,7 @@ def weights(vae):
 
 def test_training_improves_the_elbo_and_reports_every_term():
     x, xv = data()
-    hist = fit(fresh(), x, xv, TrainConfig(epochs=5, batch_size=50), "dynamic", progress=False)
+    hist = fit(fresh(), x, xv, train_cfg(epochs=5, batch_size=50), "dynamic", progress=False)
     assert len(hist) == 5
     assert hist[-1].val["elbo"] > hist[0].val["elbo"]
     m = hist[-1].metrics()
@@ -40,7 +39,7 @@ def test_training_improves_the_elbo_and_reports_every_term():
 
 def test_same_seed_same_weights_on_cpu():
     x, xv = data()
-    cfg = TrainConfig(epochs=2, batch_size=64)
+    cfg = train_cfg(epochs=2, batch_size=64)
     a, b = fresh(), fresh()
     fit(a, x, xv, cfg, "dynamic", progress=False)
     fit(b, x, xv, cfg, "dynamic", progress=False)
@@ -70,7 +69,7 @@ def test_same_seed_same_weights_on_cpu():
 )
 def test_resume_after_interrupt_reaches_identical_weights(binarization, options):
     x, xv = data()
-    cfg = TrainConfig(epochs=4, batch_size=32, **options)
+    cfg = train_cfg(epochs=4, batch_size=32, **options)
     ref = fresh()
     ref_hist = fit(ref, x, xv, cfg, binarization, progress=False)
 
@@ -125,7 +124,7 @@ def test_nan_loss_stops_with_epoch_and_batch_named():
     with torch.no_grad():
         vae.decoder.net[-1].bias[0] = float("nan")
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, batch 1"):
-        fit(vae, x, xv, TrainConfig(epochs=1, batch_size=50), "dynamic", progress=False)
+        fit(vae, x, xv, train_cfg(epochs=1, batch_size=50), "dynamic", progress=False)
 
 
 def test_nan_gradient_is_caught_before_the_step():
@@ -134,27 +133,29 @@ def test_nan_gradient_is_caught_before_the_step():
     vae.encoder.net[0].weight.register_hook(lambda g: g * float("inf"))
     before = weights(vae).clone()
     with pytest.raises(TrainingDiverged, match=r"gradient of encoder.net.0.weight .* batch 1"):
-        fit(vae, x, xv, TrainConfig(epochs=1, batch_size=50), "dynamic", progress=False)
+        fit(vae, x, xv, train_cfg(epochs=1, batch_size=50), "dynamic", progress=False)
     assert torch.equal(weights(vae), before)  # the bad step was not applied
 
 
-def test_sigterm_mid_training_is_an_interrupt_with_a_checkpoint():
+def test_sigterm_mid_training_saves_a_state_that_resumes_to_the_uninterrupted_weights():
     x, xv = data(n=3000)
+    cfg = train_cfg(epochs=3, batch_size=16)
     saved = []
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        fit(
-            fresh(),
-            x,
-            xv,
-            TrainConfig(epochs=200, batch_size=16),
-            "dynamic",
-            on_checkpoint=saved.append,
-            progress=False,
-        )
-    timer.cancel()
-    assert saved and saved[-1]["epoch"] < 200
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            fit(fresh(), x, xv, cfg, "dynamic", on_checkpoint=saved.append, progress=False)
+    finally:
+        timer.cancel()
+    state = saved[-1]
+    assert state["epoch"] * 200 + state["batch"] > 0  # it stopped part-way, 175 batches/epoch
+    assert (state["epoch"], state["batch"]) < (3, 0)
+    resumed = fresh()
+    fit(resumed, x, xv, cfg, "dynamic", resume=state, progress=False)
+    straight = fresh()
+    fit(straight, x, xv, cfg, "dynamic", progress=False)
+    assert torch.equal(weights(resumed), weights(straight))
 
 
 def test_huge_but_finite_gradients_are_not_a_divergence():
@@ -163,7 +164,7 @@ def test_huge_but_finite_gradients_are_not_a_divergence():
     x, xv = data()
     vae = fresh()
     vae.encoder.net[0].weight.register_hook(lambda g: torch.full_like(g, 3e38))
-    hist = fit(vae, x, xv, TrainConfig(epochs=1, batch_size=len(x)), "dynamic", progress=False)
+    hist = fit(vae, x, xv, train_cfg(epochs=1, batch_size=len(x)), "dynamic", progress=False)
     assert len(hist) == 1 and torch.isfinite(weights(vae)).all()
 
 
@@ -174,4 +175,4 @@ def test_opposite_infinite_gradients_are_caught():
     vae.encoder.net[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     vae.decoder.net[0].weight.register_hook(lambda g: torch.full_like(g, -float("inf")))
     with pytest.raises(TrainingDiverged, match=r"encoder.net.0.weight, decoder.net.0.weight"):
-        fit(vae, x, xv, TrainConfig(epochs=1, batch_size=50), "dynamic", progress=False)
+        fit(vae, x, xv, train_cfg(epochs=1, batch_size=50), "dynamic", progress=False)
