@@ -5,8 +5,10 @@
 
 Latency p50/p99 per call and throughput (rows/s) at batch 1, 64 and 4096 for torch eager
 (inference_mode) and onnxruntime's CPU provider (fp32, int8, fp16 graphs from the export
-stage's converters); with a GPU also torch CUDA (fp32, fp16) and onnxruntime CUDA (fp32,
-fp16) with IO binding, inputs and outputs resident on the device on both sides. Each row's
+stage's converters); with a GPU also torch CUDA (fp32, fp16), onnxruntime CUDA (fp32, fp16)
+with IO binding, inputs and outputs resident on the device on both sides, and TensorRT (fp16
+engines) where the onnxruntime build has it. The scorer (x -> nll with export.scorer_k fixed
+samples) is timed at the batches up to export.scorer_max_batch, fp32 only. Each row's
 "speed-up" is torch eager's p50 on the same device divided by its p50; "max |err|" is its
 largest difference from torch fp32 on CPU. Prints a Markdown table; --json saves the rows.
 """
@@ -28,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vaepipe import checkpoint, config, export, runtime
+from vaepipe import checkpoint, config, export, metrics, runtime
 from vaepipe.model import VAE, DecoderMean, VAEConfig
 
 
@@ -93,40 +95,67 @@ def ort_runner(path: Path, policy: str, x: np.ndarray):
     return sess, fn, out_dev.numpy()
 
 
+PARAMS = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def scorer_noise(vae: VAE) -> torch.Tensor:
+    ex = PARAMS.export
+    return metrics.fixed_noise(ex.scorer_k, vae.cfg.latent_dim, ex.scorer_seed)
+
+
 def graphs(vae: VAE, out_dir: Path) -> dict[str, dict[str, Path]]:
-    """{graph: {precision: path}} for fp32, fp16 and int8."""
-    paths = export.export_models(vae, out_dir, opset=18, metadata={"dataset": "benchmark"})
+    """{graph: {precision: path}}: encoder and decoder in fp32, fp16 and int8, the scorer fp32."""
+    paths = export.export_models(
+        vae, out_dir, 18, {"dataset": "benchmark"}, scorer_noise(vae), PARAMS.export.scorer_seed
+    )
     files = {g: {"fp32": p} for g, p in paths.items()}
-    for g, p in paths.items():
-        files[g]["fp16"] = export.to_fp16(p, out_dir / f"{g}.fp16.onnx")
-        files[g]["int8"] = export.to_int8(p, out_dir / f"{g}.int8.onnx")
+    for g in ("encoder", "decoder"):
+        files[g]["fp16"] = export.to_fp16(paths[g], out_dir / f"{g}.fp16.onnx")
+        files[g]["int8"] = export.to_int8(paths[g], out_dir / f"{g}.int8.onnx")
     return files
 
 
+def _cases(graph, module, files, x, torch_gpu: bool, ort_gpu: bool, trt: bool) -> list:
+    """(label, device, fn, output) of every backend that can run this graph here."""
+    fn, ref = torch_runner(module, x, "cpu")
+    cases = [("torch eager", "cpu", fn, ref)]
+    for precision in files[graph]:
+        _, fn, out = ort_runner(files[graph][precision], "cpu", x)
+        cases.append((f"onnxruntime {precision}", "cpu", fn, out))
+    if torch_gpu:
+        for half, label in ((False, "torch eager"), (True, "torch eager fp16")):
+            fn, out = torch_runner(module, x, "cuda", half)
+            cases.append((label, "cuda", fn, out))
+    if ort_gpu:
+        for precision in [p for p in ("fp32", "fp16") if p in files[graph]]:
+            sess, fn, out = ort_runner(files[graph][precision], "cuda", x)
+            assert sess.provider == runtime.CUDA, sess.reason
+            cases.append((f"onnxruntime {precision}", "cuda", fn, out))
+    if trt:
+        sess, fn, out = ort_runner(files[graph]["fp32"], "tensorrt", x)
+        cases.append(("onnxruntime tensorrt fp16", "cuda", fn, out))
+    return cases
+
+
 def bench(vae: VAE, files, batches, seconds: float, torch_gpu: bool, ort_gpu: bool) -> list[dict]:
-    modules = {"encoder": export.EncoderGraph(vae).eval(), "decoder": DecoderMean(vae).eval()}
+    modules = {
+        "encoder": export.EncoderGraph(vae).eval(),
+        "decoder": DecoderMean(vae).eval(),
+        "scorer": export.ScorerGraph(vae, scorer_noise(vae)).eval(),
+    }
+    trt = ort_gpu and runtime.TENSORRT in ort.get_available_providers()
     rng = np.random.default_rng(0)
     rows = []
     for graph, module in modules.items():
         for batch in batches:
-            if graph == "encoder":
-                x = rng.random((batch, *vae.cfg.image_shape), dtype=np.float32)
-            else:
+            if graph == "scorer" and batch > PARAMS.export.scorer_max_batch:
+                continue  # k decoder passes an image: larger batches are not served
+            if graph == "decoder":
                 x = rng.standard_normal((batch, vae.cfg.latent_dim), dtype=np.float32)
-            fn, ref = torch_runner(module, x, "cpu")
-            cases = [("torch eager", "cpu", fn, ref)]
-            for precision in ("fp32", "int8", "fp16"):
-                _, fn, out = ort_runner(files[graph][precision], "cpu", x)
-                cases.append((f"onnxruntime {precision}", "cpu", fn, out))
-            if torch_gpu:
-                for half, label in ((False, "torch eager"), (True, "torch eager fp16")):
-                    fn, out = torch_runner(module, x, "cuda", half)
-                    cases.append((label, "cuda", fn, out))
-            if ort_gpu:
-                for precision in ("fp32", "fp16"):
-                    sess, fn, out = ort_runner(files[graph][precision], "cuda", x)
-                    assert sess.provider == runtime.CUDA, sess.reason
-                    cases.append((f"onnxruntime {precision}", "cuda", fn, out))
+            else:
+                x = rng.random((batch, *vae.cfg.image_shape), dtype=np.float32)
+            cases = _cases(graph, module, files, x, torch_gpu, ort_gpu, trt)
+            ref = cases[0][3]  # torch fp32 on the CPU
             base = {}
             for label, device, fn, out in cases:
                 times = measure(fn, seconds)
@@ -221,8 +250,7 @@ def main() -> None:
         vae, _ = checkpoint.load(args.checkpoint)
     else:
         torch.manual_seed(0)
-        model = config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
-        vae = VAE(VAEConfig.from_params((1, 28, 28), model)).eval()  # the size params.yaml trains
+        vae = VAE(VAEConfig.from_params((1, 28, 28), PARAMS.model)).eval()  # params.yaml's size
     torch_gpu = torch.cuda.is_available()
     ort_gpu, reason = runtime.cuda_status()
     gpu = torch_gpu or ort_gpu

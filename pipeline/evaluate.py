@@ -9,13 +9,26 @@ in MLflow, and prints a short summary.
 import _venv  # noqa: F401  (first: run with the project's packages)
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaepipe import checkpoint, config, data, imagefiles, latent, metrics, paths, plots, tracking
+from vaepipe import (
+    checkpoint,
+    config,
+    data,
+    imagefiles,
+    latent,
+    metrics,
+    ood,
+    paths,
+    plots,
+    tracking,
+)
 from vaepipe.device import resolve_device, set_threads
 from vaepipe.errors import exit_on_user_error
 from vaepipe.fileio import read_json, write_json
@@ -63,23 +76,28 @@ def train_latents(
     return mu.cpu().numpy(), None if train.y is None else train.y[idx]
 
 
-def likelihood(vae: VAE, inp: Inputs, ev: config.EvaluateConfig) -> tuple[dict, torch.Tensor]:
-    """IWAE NLL with its standard error, bits/dim and the ELBO terms; and the test KL per dim."""
+def likelihood(vae: VAE, inp: Inputs, ev: config.EvaluateConfig):
+    """IWAE NLL with its standard error, bits/dim and the ELBO terms; the test KL per dim; and
+    each image's NLL (what `vaepipe promote` pairs between two models)."""
     elbo, kl_d = metrics.evaluate_elbo(vae, inp.x, batch_size=ev.batch_size, seed=ev.seed)
     # The IWAE bound on the first iwae_n test images (0 = all): k x n decoder passes, the
     # costliest figure here; the first 1,000 is the literature's usual subset.
     n = min(ev.iwae_n or len(inp.x), len(inp.x))
     log_px = metrics.iwae_log_likelihood(vae, inp.x[:n], ev.iwae_k, seed=ev.seed)
     nll, nll_se = metrics.mean_and_stderr(-log_px)
-    return {
-        "iwae_n": n,
-        "test/nll_iwae": nll,
-        "test/nll_iwae_stderr": nll_se,
-        "test/bits_per_dim": nll / (math.prod(vae.cfg.image_shape) * math.log(2)),
-        "test/elbo": elbo["elbo"],
-        "test/recon": elbo["recon"],
-        "test/kl": elbo["kl"],
-    }, kl_d
+    return (
+        {
+            "iwae_n": n,
+            "test/nll_iwae": nll,
+            "test/nll_iwae_stderr": nll_se,
+            "test/bits_per_dim": nll / (math.prod(vae.cfg.image_shape) * math.log(2)),
+            "test/elbo": elbo["elbo"],
+            "test/recon": elbo["recon"],
+            "test/kl": elbo["kl"],
+        },
+        kl_d,
+        -log_px.double().cpu().numpy(),
+    )
 
 
 def collapse(mu: torch.Tensor, logvar: torch.Tensor, ev: config.EvaluateConfig) -> dict:
@@ -200,12 +218,32 @@ def chart_pictures(kl_d: torch.Tensor, act: torch.Tensor, threshold: float) -> d
     return {}
 
 
-def log_to_mlflow(params: config.Params, inp: Inputs, results: dict, skipped: dict, seconds):
-    """Metrics, the test set (a dataset input), skip reasons (as tags) and plots/evaluate/ into
-    the training run; its id. Wall time goes to MLflow only: metrics/evaluate.json stays a
-    deterministic DVC output."""
+def separation(vae: VAE, inp: Inputs, params: config.Params) -> tuple[dict, dict]:
+    """AUROCs of the scorer's NLL (export.scorer_k, export.scorer_seed: the noise scorer.onnx
+    carries) between the first evaluate.ood_n grey test images and their corruptions or
+    another dataset: (results, skipped)."""
+    ev, ex = params.evaluate, params.export
+    eps = metrics.fixed_noise(ex.scorer_k, vae.cfg.latent_dim, ex.scorer_seed)
+    sets, why = ood.separation(vae, inp.grey[: ev.ood_n], eps, params.data.dataset, ev.seed)
+    results = {f"test/auroc_{k}": v["auroc"] for k, v in sets.items() if "auroc" in v}
+    results["separation"] = {**sets, "n": min(ev.ood_n, len(inp.grey)), "k": ex.scorer_k}
+    return results, {f"test/auroc_{k.replace(' ', '_')}": v for k, v in why.items()}
+
+
+def log_to_mlflow(params, inp: Inputs, results: dict, skipped: dict, seconds, per_image):
+    """Metrics, the test set (a dataset input), skip reasons (as tags), plots/evaluate/ and the
+    per-image NLLs (evaluation/per_image_nll.npz) into the training run; its id. Wall time goes
+    to MLflow only: metrics/evaluate.json stays a deterministic DVC output."""
     run_id = read_json(paths.TRAIN_METRICS)["run_id"]
-    with tracking.run(params.mlflow.experiment, run_id=run_id):
+    with tracking.run(params.mlflow.experiment, run_id=run_id), tempfile.TemporaryDirectory() as d:
+        np.savez(
+            Path(d) / "per_image_nll.npz",
+            nll=per_image,
+            data_digest=results["data_digest"],
+            iwae_k=params.evaluate.iwae_k,
+            seed=params.evaluate.seed,
+        )
+        tracking.log_artifact(Path(d) / "per_image_nll.npz", "evaluation")
         tracking.log_metrics({k: v for k, v in results.items() if k.startswith("test/")})
         tracking.log_metrics({"evaluate_seconds": seconds})
         tracking.log_dataset(
@@ -244,6 +282,12 @@ def summary(r: dict, skipped: dict, n_dims: int, seconds: float, run_id: str) ->
         f"  latent quality  probe {get('test/probe_accuracy', '.3f')}, "
         f"kNN {get('test/knn_accuracy', '.3f')}, KMeans NMI {get('test/kmeans_nmi', '.3f')} "
         f"ARI {get('test/kmeans_ari', '.3f')}, silhouette {get('test/silhouette', '.3f')}",
+        "  separation      AUROC of the scorer's NLL against the test images: "
+        + ", ".join(
+            f"{name} {v['auroc']:.3f}"
+            for name, v in r["separation"].items()
+            if isinstance(v, dict) and "auroc" in v
+        ),
     ]
     by_reason: dict[str, list[str]] = {}
     for name, why in skipped.items():
@@ -264,7 +308,7 @@ def main() -> None:
     dataset = payload.get("params", {}).get("data", {}).get("dataset")
     inp = load_test(vae, device, ev.seed)
 
-    results, kl_d = likelihood(vae, inp, ev)
+    results, kl_d, per_image = likelihood(vae, inp, ev)
     # Collapse diagnostics on the data the likelihood is measured on; latent quality and the
     # pictures on grey images, as a deployment would encode them.
     mu, logvar = metrics.encode_all(vae, inp.x, ev.batch_size)
@@ -283,6 +327,9 @@ def main() -> None:
     image_pictures(vae, inp, rec, min(ev.n_images, len(inp.x)), ev.seed)
     latent_pictures(vae, inp, mu_grey, kl_d, act, ev, plots.CLASS_NAMES.get(dataset))
     skipped.update(chart_pictures(kl_d, act, ev.active_threshold))
+    separated, why = separation(vae, inp, params)
+    results.update(separated)
+    skipped.update(why)
 
     seconds = time.perf_counter() - t0
     results.update(
@@ -294,7 +341,7 @@ def main() -> None:
         data_digest=data.digest(inp.split),
     )
     write_json(paths.EVALUATE_METRICS, results)
-    run_id = log_to_mlflow(params, inp, results, skipped, seconds)
+    run_id = log_to_mlflow(params, inp, results, skipped, seconds, per_image)
     print(summary(results, skipped, vae.cfg.latent_dim, seconds, run_id))
 
 

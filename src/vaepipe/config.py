@@ -91,6 +91,11 @@ class TrainConfig:
     device: str = field(metadata=_choice(*DEVICES))
     threads: int = field(metadata=_range(0))
     resume: bool = field(metadata={})
+    # torchrun launched by the stage itself (distributed.launch) when nproc * nnodes > 1
+    nproc: int = field(metadata=_range(1, 1024))
+    nnodes: int = field(metadata=_range(1, 1024))
+    node_rank: int = field(metadata=_range(0, 1023))
+    rdzv_endpoint: str = field(metadata={})
 
 
 @dataclass
@@ -106,6 +111,7 @@ class EvaluateConfig:
     probe_train_size: int = field(metadata=_range(0))
     knn_k: int = field(metadata=_range(1))
     traversal_dims: int = field(metadata=_range(1))
+    ood_n: int = field(metadata=_range(1))
 
 
 @dataclass
@@ -119,7 +125,13 @@ class ExportConfig:
     provider: str = field(metadata=_choice(*PROVIDERS))
     encoder_model: str = field(metadata={})
     decoder_model: str = field(metadata={})
+    scorer_model: str = field(metadata={})
     serve_max_batch: int = field(metadata=_range(1))
+    # [k, batch, pixels] floats per call: more than 1e4 samples an image is a benchmark, not a
+    # deployment
+    scorer_k: int = field(metadata=_range(1, 10_000))
+    scorer_seed: int = field(metadata=SEED)
+    scorer_max_batch: int = field(metadata=_range(1))
 
 
 @dataclass
@@ -303,6 +315,32 @@ def _check_train(t: TrainConfig) -> None:
             f"param 'train.lr_min' = {t.lr_min} must be smaller than 'train.lr' = {t.lr} "
             f"for lr_schedule '{t.lr_schedule}'"
         )
+    _check_launch(t)
+
+
+_ENDPOINT = re.compile(r"(?P<host>[^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
+
+
+def _check_launch(t: TrainConfig) -> None:
+    """The torchrun params: a node rank within the nodes, a rendezvous for several nodes."""
+    if t.node_rank >= t.nnodes:
+        raise ConfigError(
+            f"param 'train.node_rank' = {t.node_rank} must be below 'train.nnodes' = "
+            f"{t.nnodes} (nodes are numbered 0 .. nnodes - 1)"
+        )
+    endpoint = t.rdzv_endpoint.strip()
+    if t.nnodes > 1 and not endpoint:
+        raise ConfigError(
+            f"param 'train.nnodes' = {t.nnodes} needs 'train.rdzv_endpoint' = 'host:port', "
+            "an address of node 0 that every node reaches (e.g. 10.0.0.1:29500)"
+        )
+    if endpoint:
+        m = _ENDPOINT.fullmatch(endpoint)
+        if not m or not 1 <= int(m["port"]) <= 65535:
+            raise ConfigError(
+                f"param 'train.rdzv_endpoint' = {_show(t.rdzv_endpoint)} must be 'host:port' "
+                "with a port in 1..65535 (e.g. 10.0.0.1:29500), or \"\" for one machine"
+            )
 
 
 def _check_cross(p: Params) -> None:

@@ -1,7 +1,9 @@
-"""ONNX export of encoder and decoder per DESIGN.md's contract, with a parity check.
+"""ONNX export of encoder, decoder and scorer per the contract (ARCHITECTURE.md), with parity.
 
 encoder.onnx: x float32 [batch, C, H, W] in [0, 1] -> mu, logvar float32 [batch, latent_dim]
 decoder.onnx: z float32 [batch, latent_dim] -> x_mean float32 [batch, C, H, W]
+scorer.onnx:  x float32 [batch, C, H, W] in [0, 1] -> nll float32 [batch], nats: the IWAE
+              estimate of -log p(x) with k samples whose noise is a constant of the graph
 Batch axis dynamic; no random op inside; opset pinned; metadata_props describe the model.
 """
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from vaepipe.errors import VaepipeError
 from vaepipe.fileio import atomic_path
+from vaepipe.metrics import iwae_weights_of
 from vaepipe.model import VAE, DecoderMean
 
 RANDOM_OPS = {
@@ -44,6 +47,19 @@ class EncoderGraph(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.vae.encode(x)
+
+
+class ScorerGraph(nn.Module):
+    """x -> nll [B]: minus the IWAE bound with the fixed noise `eps` [K, D] (a buffer, so a
+    constant of the graph: deterministic, no random op), the evaluate stage's computation."""
+
+    def __init__(self, vae: VAE, eps: torch.Tensor):
+        super().__init__()
+        self.vae = vae
+        self.register_buffer("eps", eps.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -iwae_weights_of(self.vae, x, self.eps)
 
 
 def _export(
@@ -92,8 +108,14 @@ def _export(
 
 
 def export_models(
-    vae: VAE, out_dir: Path, opset: int, metadata: dict[str, str]
+    vae: VAE,
+    out_dir: Path,
+    opset: int,
+    metadata: dict[str, str],
+    scorer_eps: torch.Tensor | None = None,
+    scorer_seed: int | None = None,
 ) -> dict[str, Path]:
+    """encoder.onnx and decoder.onnx in out_dir, and scorer.onnx given its noise [K, D]."""
     vae = vae.cpu().eval()
     cfg = vae.cfg
     meta = {
@@ -104,31 +126,38 @@ def export_models(
         "precision": "fp32",
         **metadata,
     }
-    paths = {"encoder": out_dir / "encoder.onnx", "decoder": out_dir / "decoder.onnx"}
-    _export(
-        EncoderGraph(vae),
-        torch.rand(2, *cfg.image_shape),
-        paths["encoder"],
-        ("x", ("mu", "logvar")),
-        opset,
-        meta,
-    )
-    _export(
-        DecoderMean(vae),
-        torch.randn(2, cfg.latent_dim),
-        paths["decoder"],
-        ("z", ("x_mean",)),
-        opset,
-        meta,
-    )
+    graphs = {
+        "encoder": (EncoderGraph(vae), torch.rand(2, *cfg.image_shape), ("x", ("mu", "logvar"))),
+        "decoder": (DecoderMean(vae), torch.randn(2, cfg.latent_dim), ("z", ("x_mean",))),
+    }
+    extra: dict[str, dict] = {"encoder": {}, "decoder": {}}
+    if scorer_eps is not None:
+        graphs["scorer"] = (
+            ScorerGraph(vae, scorer_eps),
+            torch.rand(2, *cfg.image_shape),
+            ("x", ("nll",)),
+        )
+        extra["scorer"] = {"scorer_k": len(scorer_eps), "scorer_seed": scorer_seed}
+    paths = {}
+    for name, (module, example, names) in graphs.items():
+        paths[name] = out_dir / f"{name}.onnx"
+        _export(module, example, paths[name], names, opset, {**meta, **extra[name]})
     return paths
 
 
 @torch.no_grad()
-def parity(vae: VAE, encoder_sess=None, decoder_sess=None, seed: int = 0) -> dict[str, float]:
+def parity(
+    vae: VAE,
+    encoder_sess=None,
+    decoder_sess=None,
+    seed: int = 0,
+    scorer_sess=None,
+    scorer_eps: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Max abs difference between onnxruntime and PyTorch outputs at batch 1 and 257.
 
-    Either session may be None (e.g. a decoder variant alone); the inputs drawn are the same.
+    Any session may be None (e.g. a decoder variant alone); the inputs drawn are the same. The
+    scorer's difference is in nats (its output is an NLL of hundreds of nats).
     """
     vae = vae.cpu().eval()
     gen = torch.Generator().manual_seed(seed)
@@ -145,6 +174,10 @@ def parity(vae: VAE, encoder_sess=None, decoder_sess=None, seed: int = 0) -> dic
         if decoder_sess is not None:
             (o_x,) = decoder_sess.run({"z": z.numpy()})
             errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z)).numpy()).max())
+        if scorer_sess is not None:
+            (o_nll,) = scorer_sess.run({"x": x.numpy()})
+            nll = -iwae_weights_of(vae, x, scorer_eps).numpy()
+            errs[f"scorer_b{b}"] = float(np.abs(o_nll - nll).max())
     return errs
 
 
@@ -157,6 +190,15 @@ def _with_metadata(model, **extra: str):
         else:
             model.metadata_props.add(key=k, value=str(v))
     return model
+
+
+def set_metadata(path: Path, **props) -> None:
+    """Rewrite `path` with these metadata_props added or replaced (atomically)."""
+    import onnx
+
+    model = _with_metadata(onnx.load(str(path)), **props)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
 
 
 def _topological_sort(graph) -> None:

@@ -49,29 +49,53 @@ def evaluate_elbo(
     return {"recon": recon, "kl": kl, "elbo": elbo}, (kl_d / len(x)).float()
 
 
+def iwae_weights_of(vae: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The IWAE estimate of log p(x) per example for the noise `eps` ([K, B, D], or [K, D]
+    shared by every example): [B] (nats). The one computation behind the evaluate stage's
+    likelihood and scorer.onnx (export.ScorerGraph), so the two agree for the same noise."""
+    cfg = vae.cfg
+    mu, logvar = vae.encode(x)  # [B, D]
+    if eps.dim() == 2:
+        eps = eps[:, None, :]  # [K, 1, D]: the same K draws for every example
+    z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, D]
+    logits = vae.decode(z)  # [K, B, C, H, W]
+    return iwae_bound(iwae_log_weights(x, logits, z, mu, logvar, cfg.likelihood, vae.sigma))
+
+
+def fixed_noise(k: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """The [k, latent_dim] standard-normal noise the scorer uses for every image: a constant
+    of scorer.onnx, drawn from a seeded CPU generator so it is the same on every machine."""
+    return torch.randn((k, latent_dim), generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def iwae_log_likelihood(
-    vae: VAE, x: torch.Tensor, k: int, seed: int = 0, rows_per_chunk: int | None = None
+    vae: VAE,
+    x: torch.Tensor,
+    k: int,
+    seed: int = 0,
+    rows_per_chunk: int | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example IWAE estimate of log p(x) with k importance samples: [N] (nats).
 
-    All k samples of a chunk of examples go through the decoder as one [k, B, D] tensor op;
-    rows_per_chunk (k x B) defaults to IWAE_ROWS_PER_CHUNK for x's device.
+    The noise is drawn per example from a generator seeded with `seed`, or is `eps` [k, D],
+    shared by every example (the scorer's fixed noise). All k samples of a chunk of examples go
+    through the decoder as one [k, B, D] tensor op; rows_per_chunk (k x B) defaults to
+    IWAE_ROWS_PER_CHUNK for x's device.
     """
     vae.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    cfg = vae.cfg
     rows = rows_per_chunk or IWAE_ROWS_PER_CHUNK.get(x.device.type, IWAE_ROWS_PER_CHUNK["cpu"])
     chunk = max(1, rows // k)
     out = torch.empty(len(x), device=x.device)
     for i in range(0, len(x), chunk):
         xb = x[i : i + chunk]
-        mu, logvar = vae.encode(xb)  # [B, D]
-        eps = torch.randn((k, *mu.shape), generator=gen, device=x.device)  # [K, B, D]
-        z = mu + torch.exp(0.5 * logvar) * eps
-        logits = vae.decode(z)  # [K, B, C, H, W]
-        log_w = iwae_log_weights(xb, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
-        out[i : i + chunk] = iwae_bound(log_w)
+        if eps is None:
+            noise = torch.randn((k, len(xb), vae.cfg.latent_dim), generator=gen, device=x.device)
+        else:
+            noise = eps.to(x.device)
+        out[i : i + chunk] = iwae_weights_of(vae, xb, noise)
     return out
 
 
