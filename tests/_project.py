@@ -1,13 +1,18 @@
 """Helpers for the tests: the project's params as configs, and a temp git repo holding a copy of
 the project for tests that run the real pipeline."""
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -133,3 +138,50 @@ def proto_data(n: int = 600, seed: int = 0):
     protos = torch.rand(4, 1, 8, 8, generator=g)
     x = protos[torch.randint(0, 4, (n,), generator=g)] * 0.9 + 0.05
     return x[: n - 100], x[n - 100 :]
+
+
+# --- a served model ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model_uri: str, tracking_uri: str, log: Path, extra_env: dict | None = None):
+    """`mlflow models serve -m model_uri` on 127.0.0.1 (a free port), up within 90 s; yields
+    its /invocations URL. Stopped by process group at the end: uvicorn survives its parent."""
+    port = free_port()
+    env = {**clean_env(MLFLOW_TRACKING_URI=tracking_uri), **(extra_env or {})}
+    cmd = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/ping", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"mlflow models serve {model_uri} did not come up:\n{log.read_text()}"
+                    ) from None
+                time.sleep(0.5)
+        yield url + "/invocations"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=15)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue

@@ -147,7 +147,9 @@ def test_precision_picks_the_variant_file(models, tmp_path, capsys):
     assert "decoder.fp16.onnx, which does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["generate", "encode", "decode", "interpolate", "info"])
+@pytest.mark.parametrize(
+    "command", ["generate", "encode", "decode", "interpolate", "info", "score"]
+)
 def test_every_command_has_help(command, capsys):
     assert run(command, "--help") == 0
     assert "--provider" in capsys.readouterr().out
@@ -190,6 +192,21 @@ def test_bad_input_is_one_error_line(models, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+@pytest.mark.skipif(runtime.cuda_status()[0], reason="this machine has a usable CUDA provider")
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_provider_without_gpu_says_why(models, tmp_path, capsys, provider):
+    out = tmp_path / "g.png"
+    assert run("generate", "--model", models["decoder"], "--provider", provider, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: provider '{provider}' requested but ")
+    assert not out.exists()
+
+
+def test_precision_auto_keeps_fp32_on_the_cpu(models, tmp_path, capsys):
+    assert run("generate", "--model", models["decoder"], "--out", tmp_path / "g.png") == 0
+    assert f"onnxruntime: {models['decoder']} on CPUExecutionProvider" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(runtime.cuda_status()[0], reason="this machine has a usable CUDA provider")

@@ -2,19 +2,13 @@
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _project import vae_cfg
+from _project import served, vae_cfg
 
 from vaepipe import export, runtime, serving
 from vaepipe.model import VAE
@@ -102,12 +96,6 @@ def test_non_finite_outputs_are_refused(decoder, monkeypatch):
 # --- the real thing: registry + `mlflow models serve` on 127.0.0.1 ------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: bytes) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -144,42 +132,11 @@ def server(decoder, tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert info.registered_model_version == 1 and version.run_id == run.info.run_id
 
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # it execs uvicorn
-    log = open(store / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = ["mlflow", "models", "serve", "-m", "models:/vae-decoder/latest"]
-    cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/ping", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        "mlflow models serve did not come up:\n"
-                        + (store / "serve.log").read_text()
-                    ) from None
-                time.sleep(0.5)
-        yield url + "/invocations", store / "serve.log"
-    finally:
-        # uvicorn survives its parent's death; end the whole process group.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=15)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
+    # what a deployment serves: the alias vaepipe promote moves, never "latest"
+    client = mlflow.MlflowClient(uri)
+    client.set_registered_model_alias("vae-decoder", "champion", "1")
+    with served("models:/vae-decoder@champion", uri, store / "serve.log") as url:
+        yield url, store / "serve.log"
 
 
 def _row(value=0.1, width=LATENT):

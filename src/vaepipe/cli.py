@@ -20,22 +20,43 @@ from vaepipe.errors import DataError, VaepipeError, exit_on_user_error
 
 ENCODER = str(paths.ENCODER)
 DECODER = str(paths.DECODER)
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
 
 # --- sessions and reporting --------------------------------------------------------------------
 
 
+def _variant(model: Path, precision: str) -> Path:
+    return model.with_name(f"{model.stem}.{precision}{model.suffix}")
+
+
+def _fp16_fits(path: Path) -> bool:
+    """Did the export stage find this fp16 graph within export.fp16_parity_atol?"""
+    import onnx
+
+    try:
+        meta = onnx.load(str(path), load_external_data=False).metadata_props
+    except Exception:  # noqa: BLE001 - unreadable: the fp32 graph serves instead
+        return False
+    return any(p.key == "parity_ok" and p.value == "True" for p in meta)
+
+
 def _open(args) -> runtime.Session:
+    """The session of --model (or its --precision variant) on --provider. `auto` precision:
+    on a GPU the fp16 variant when it exists and its parity was within tolerance, else fp32."""
     path = Path(args.model)
-    if getattr(args, "precision", "fp32") != "fp32":
-        path = path.with_name(f"{path.stem}.{args.precision}{path.suffix}")
+    precision = getattr(args, "precision", "fp32")
+    if precision not in ("auto", "fp32"):
+        path = _variant(path, precision)
         if not path.is_file():
             raise VaepipeError(
-                f"--precision {args.precision} needs {path}, which does not exist; the export "
+                f"--precision {precision} needs {path}, which does not exist; the export "
                 "stage writes it (dvc repro export)"
             )
     sess = runtime.open_session(path, args.provider)
+    fp16 = _variant(path, "fp16")
+    if precision == "auto" and sess.device == "cuda" and fp16.is_file() and _fp16_fits(fp16):
+        path, sess = fp16, runtime.open_session(fp16, args.provider)
     print(f"onnxruntime: {path} on {sess.provider} ({sess.reason})")
     return sess
 
@@ -186,6 +207,64 @@ def cmd_runs(args) -> str:
     return ""
 
 
+def _registered_names() -> tuple[str, list[str]]:
+    """(decoder, [encoder, scorer]) registered model names: params.yaml's, where there is one."""
+    from vaepipe import config
+
+    if not paths.PARAMS.is_file():
+        raise VaepipeError(f"no {paths.PARAMS} here to name the registered models; pass --model")
+    ex = config.load(paths.PARAMS).export
+    return ex.decoder_model, [n for n in (ex.encoder_model, ex.scorer_model) if n]
+
+
+def cmd_promote(args) -> str:
+    from vaepipe import promotion, tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise VaepipeError(f"no MLflow store at {uri}: run the pipeline first (dvc repro)")
+    tracking.setup_uri()
+    decoder, companions = _registered_names() if args.model is None else (args.model, args.with_)
+    champion, rows, winner = promotion.decide(decoder, args.version, args.force)
+    print(f"MLflow store {uri}, registered model {decoder}")
+    print(promotion.format_table(rows, champion))
+    live = [r for r in rows if not r.decision.startswith("skipped")]
+    newest = live[-1] if live else None
+    if args.dry_run:
+        return f"dry run: would move @champion to {f'v{winner.version}' if winner else 'nothing'}"
+    moved = promotion.move(decoder, companions if winner else [], winner, newest)
+    if winner is None and champion is not None:
+        moved.insert(0, f"{decoder}@champion stays v{champion.version}")
+    return "; ".join(moved) or "nothing to promote"
+
+
+def cmd_score(args) -> str:
+    out = _check_out(args.out, (".npz",))
+    sess = _open(args)
+    shape = sess.input_shape()[1:]
+    src = Path(args.input)
+    if src.is_dir():
+        x, names = imagefiles.read_png_folder(src, shape)
+        extra = {"names": np.array(names)}
+    else:
+        x, extra = imagefiles.images_from_npz(src, shape)
+    x = sess.check(x, value_range=(0.0, 1.0))
+    nll = sess.run_batched(x, args.batch_size)["nll"]
+    imagefiles.write_file(out, {"nll": nll, **extra})
+    meta = sess.metadata()
+    bits = nll / (math.prod(shape) * math.log(2))
+    q = np.percentile(nll, [5, 50, 95])
+    print(
+        f"score: NLL of {len(nll)} images (IWAE, k = {meta.get('scorer_k', '?')} fixed samples): "
+        f"mean {nll.mean():.2f} nats ({bits.mean():.4f} bits/dim), median {q[1]:.2f}, "
+        f"5-95% {q[0]:.2f}..{q[2]:.2f}; highest {nll.max():.2f} (image {int(nll.argmax())})"
+    )
+    test = meta.get("test_nll_iwae")
+    if test:
+        print(f"score: the model's own test images: {float(test):.2f} nats on average")
+    return f"{len(nll)} images from {src} -> {out}"
+
+
 def _opset(path: Path) -> str:
     import onnx
 
@@ -225,15 +304,18 @@ def _common(p: argparse.ArgumentParser, model: str, precision: bool = True) -> N
         "--provider",
         choices=runtime.POLICIES,
         default="auto",
-        help="auto: CUDA when it really loads, else CPU; cuda: CUDA or an error (default: auto)",
+        help="auto: CUDA when it really loads, else CPU; cuda / tensorrt: that GPU provider "
+        "or an error, never a silent CPU (tensorrt: fp16 engines cached in .trt-cache, or "
+        "VAEPIPE_TRT_CACHE) (default: auto)",
     )
     if precision:
         p.add_argument(
             "--precision",
             choices=PRECISIONS,
-            default="fp32",
-            help="use the export stage's <model>.fp16.onnx (for GPUs) or <model>.int8.onnx "
-            "(for CPUs) beside --model (default: fp32)",
+            default="auto",
+            help="fp16 / int8: the export stage's <model>.fp16.onnx (GPUs) or <model>.int8.onnx "
+            "(CPUs) beside --model; auto: fp16 on a GPU when its parity was within "
+            "export.fp16_parity_atol, else fp32 (default: auto)",
         )
     p.add_argument(
         "--batch-size", type=_positive, default=4096, help="rows per onnxruntime call (4096)"
@@ -266,6 +348,14 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--cols", type=_positive, help="grid columns (default: ~sqrt(N))")
     p.add_argument("--out", required=True, help="grid.png or images.npz (z, x_mean)")
     p.set_defaults(fn=cmd_decode)
+
+    p = sub.add_parser("score", help="images -> NLL in nats (the likelihood score)")
+    p.add_argument("input", help="images.npz (x, uint8 or [0,1]) or a folder of PNGs")
+    _common(p, str(paths.SCORER), precision=False)
+    # each image costs scorer_k decoder passes: 64 images are ~6,400 rows a call at k = 100
+    p.set_defaults(batch_size=64)
+    p.add_argument("--out", required=True, help="scores.npz (nll, and y or names)")
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("interpolate", help="decode paths between latent points")
     _common(p, DECODER)
@@ -300,6 +390,23 @@ def _add_inspection_commands(sub) -> None:
     p.add_argument("--x", default="model.latent_dim", help="param on the plot's x axis")
     p.add_argument("--hue", help="param drawn as one line per value, e.g. train.beta")
     p.set_defaults(fn=cmd_runs)
+
+    p = sub.add_parser("promote", help="move @champion to a better model by a paired NLL test")
+    p.add_argument("--model", help="registered decoder (default: params.yaml's decoder_model)")
+    p.add_argument(
+        "--with",
+        dest="with_",
+        nargs="*",
+        default=[],
+        help="registered models that move with the decoder (default: params.yaml's encoder and "
+        "scorer, with --model: none)",
+    )
+    p.add_argument("--version", help="consider only this version of the decoder")
+    p.add_argument(
+        "--force", action="store_true", help="compare (or with --version: promote) regardless"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the table, move no alias")
+    p.set_defaults(fn=cmd_promote)
     site.add_parser(sub)
 
 

@@ -15,6 +15,7 @@ MODEL = MODELS / "vae.pt"
 CHECKPOINT = MODELS / "checkpoints" / "last.pt"
 ENCODER = MODELS / "encoder.onnx"
 DECODER = MODELS / "decoder.onnx"
+SCORER = MODELS / "scorer.onnx"
 TRAIN_METRICS = Path("metrics/train.json")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 EXPORT_METRICS = Path("metrics/export.json")

@@ -19,7 +19,12 @@ from vaepipe.errors import ModelFileError, RuntimeProviderError, VaepipeError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-POLICIES = ("auto", "cuda", "cpu")
+TENSORRT = "TensorrtExecutionProvider"
+POLICIES = ("auto", "cuda", "tensorrt", "cpu")
+GPU_PROVIDERS = (CUDA, TENSORRT)
+# TensorRT builds an engine per graph and input shape on first use (seconds to minutes); the
+# cache folder keeps them between processes. VAEPIPE_TRT_CACHE overrides it.
+TRT_CACHE = ".trt-cache"
 # ONNX tensor types a vaepipe graph exposes at its inputs/outputs (fp16 only inside graphs).
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -39,7 +44,7 @@ class Session:
 
     @property
     def device(self) -> str:
-        return "cuda" if self.provider == CUDA else "cpu"
+        return "cuda" if self.provider in GPU_PROVIDERS else "cpu"
 
     @property
     def input_name(self) -> str:
@@ -198,11 +203,44 @@ def cuda_status() -> tuple[bool, str]:
     return True, "libcuda found"
 
 
+def _providers(policy: str) -> tuple[list, str]:
+    """(providers to ask onnxruntime for, why) under `policy`; raises when a GPU policy cannot
+    be met on this machine."""
+    import onnxruntime as ort
+
+    if policy == "cpu":
+        return [CPU], "provider policy is cpu"
+    usable, reason = cuda_status()
+    if policy == "tensorrt":
+        if TENSORRT not in ort.get_available_providers():
+            raise RuntimeProviderError(
+                f"provider 'tensorrt' requested but this onnxruntime build ({ort.__version__}) "
+                "has no TensorRT provider"
+            )
+        if not usable:
+            raise RuntimeProviderError(f"provider 'tensorrt' requested but {reason}")
+        cache = os.environ.get("VAEPIPE_TRT_CACHE") or TRT_CACHE
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        trt = {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+        }
+        return [(TENSORRT, trt), CUDA, CPU], f"TensorRT fp16, engine cache {cache}"
+    if usable:
+        return [CUDA, CPU], reason
+    if policy == "cuda":
+        raise RuntimeProviderError(f"provider 'cuda' requested but {reason}")
+    return [CPU], reason
+
+
 def open_session(path: str | Path, policy: str = "auto") -> Session:
     """A session on the provider `policy` asks for; raises with the reason if it can't.
 
-    VAEPIPE_ORT_THREADS sets onnxruntime's intra-op threads (default: one per core, which
-    measured fastest for this MLP even at batch 1 on 2 cores).
+    auto: CUDA when it really loads, else CPU; cuda / tensorrt: that provider or an error (a
+    session that silently fell back to the CPU is one too); cpu. VAEPIPE_ORT_THREADS sets
+    onnxruntime's intra-op threads (default: one per core, which measured fastest for this MLP
+    even at batch 1 on 2 cores).
     """
     import onnxruntime as ort
 
@@ -211,14 +249,7 @@ def open_session(path: str | Path, policy: str = "auto") -> Session:
         raise RuntimeProviderError(f"provider {policy!r} is not one of {', '.join(POLICIES)}")
     if not path.is_file():
         raise ModelFileError(f"ONNX model {path} does not exist")
-    providers = [CPU]
-    reason = "provider policy is cpu"
-    if policy in ("auto", "cuda"):
-        usable, reason = cuda_status()
-        if usable:
-            providers = [CUDA, CPU]
-        elif policy == "cuda":
-            raise RuntimeProviderError(f"provider 'cuda' requested but {reason}")
+    providers, reason = _providers(policy)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # our own report replaces ORT's fallback warnings
     threads = os.environ.get("VAEPIPE_ORT_THREADS")
@@ -233,10 +264,11 @@ def open_session(path: str | Path, policy: str = "auto") -> Session:
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelFileError(f"{path} is not a loadable ONNX model: {e}") from None
     used = sess.get_providers()[0]
-    if policy == "cuda" and used != CUDA:
+    wanted = {"cuda": CUDA, "tensorrt": TENSORRT}.get(policy)
+    if wanted and used != wanted:
         raise RuntimeProviderError(
-            f"provider 'cuda' requested but onnxruntime fell back to {used} ({reason}); "
-            "check the CUDA and cuDNN versions this onnxruntime-gpu build needs"
+            f"provider '{policy}' requested but onnxruntime fell back to {used} ({reason}); "
+            "check the CUDA, cuDNN (and TensorRT) versions this onnxruntime-gpu build needs"
         )
     if used == CUDA:
         reason = "the CUDA provider loaded"

@@ -132,3 +132,80 @@ def set_model_version_tags(name: str, version: str, tags: dict[str, Any]) -> Non
             lambda k=k, v=v: client.set_model_version_tag(name, version, k, str(v)),
             f"tagging {name} v{version}",
         )
+
+
+def describe_version(name: str, version: str, markdown: str) -> None:
+    """The version's description in the registry (mlflow ui's model version page)."""
+    import mlflow
+
+    call(
+        lambda: mlflow.MlflowClient().update_model_version(name, version, description=markdown),
+        f"describing {name} v{version}",
+    )
+
+
+# --- reading the registry (vaepipe promote) ---------------------------------------------------
+
+
+def versions(name: str) -> list:
+    """Every version of registered model `name` (MLflow ModelVersion objects), oldest first;
+    [] when the model is not registered at all."""
+    import mlflow
+
+    found = call(
+        lambda: mlflow.MlflowClient().search_model_versions(f"name = '{name}'"),
+        f"listing versions of {name}",
+    )
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version `alias` points to, or None when the alias (or the model) is not there.
+    Deleting a version removes its aliases, so an alias always names a live version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def get() -> str | None:
+        try:
+            return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        except MlflowException as e:
+            if "not found" in str(e):  # no such model, or no such alias
+                return None
+            raise
+
+    return call(get, f"reading {name}@{alias}")
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    import mlflow
+
+    call(
+        lambda: mlflow.MlflowClient().set_registered_model_alias(name, alias, version),
+        f"moving {name}@{alias} to v{version}",
+    )
+
+
+def run_state(run_id: str) -> str:
+    """'FINISHED', 'FAILED', ... of a run, 'deleted' for a deleted one, 'missing' if unknown."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+            return "missing"
+        raise
+    return "deleted" if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def download(run_id: str, artifact_path: str, dst: Path) -> Path:
+    import mlflow
+
+    local = call(
+        lambda: mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+        ),
+        f"downloading {artifact_path} of run {run_id}",
+    )
+    return Path(local)
