@@ -1,0 +1,186 @@
+"""The whole GPU path in one command, in under 10 minutes, on a machine with an NVIDIA GPU.
+
+    make gpu-check                      # = python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --out gpu-check.md
+
+1. `dvc repro` end to end in a temp copy of the project with train.device cuda (a few epochs of
+   Fashion-MNIST where its IDX files are, else scikit-learn's digits): train and evaluate on
+   CUDA, export's parity on onnxruntime's CUDA provider.
+2. benchmarks/inference.py on that model: ORT CUDA / TensorRT vs torch CUDA at batch 1, 64 and
+   4096, fp32 and fp16, with the scorer, and the ratio to torch eager in the same run.
+3. The served decoder on the GPU: `mlflow models serve` with VAEPIPE_PROVIDER=cuda, one
+   request answered, and the provider it reports.
+
+Every step must really run on the GPU: a CUDA session that fell back to the CPU fails the
+check. The report (Markdown) names the GPU and the date. Without a GPU it ends with one line;
+--cpu runs the same steps on the CPU, to try this script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def sh(cwd: Path, *args: str, env: dict | None = None, timeout: int = 600) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"error: {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def project(tmp: Path, device: str) -> Path:
+    """A git repo holding a copy of the pipeline with a few-epoch, `device` param set."""
+    from vaepipe import data
+
+    repo = tmp / "project"
+    for name in ("pipeline", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/raw/README.md"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    fashion = data._has_all(data.SYSTEM_DATASET_DIR / "fashion-mnist")
+    params["data"]["dataset"] = "fashion-mnist" if fashion else "digits"
+    params["train"].update(epochs=3, device=device)
+    params["evaluate"].update(iwae_n=1000, probe_train_size=2000)
+    params["export"]["provider"] = "cuda" if device == "cuda" else "cpu"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
+        sh(repo, *cmd)
+    sh(
+        repo,
+        "git",
+        "-c",
+        "user.name=gpu-check",
+        "-c",
+        "user.email=gpu@check",
+        "commit",
+        "-qm",
+        "gpu check",
+    )
+    return repo
+
+
+def step_pipeline(repo: Path, env: dict) -> dict:
+    t0 = time.perf_counter()
+    out = sh(repo, "dvc", "repro", env=env, timeout=900)
+    seconds = time.perf_counter() - t0
+    train = json.loads((repo / "metrics/train.json").read_text())
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    ex = json.loads((repo / "metrics/export.json").read_text())
+    stages = [
+        line for line in out.splitlines() if line.startswith(("train:", "evaluate:", "export:"))
+    ]
+    dataset = yaml.safe_load((repo / "params.yaml").read_text())["data"]["dataset"]
+    return {
+        "seconds": seconds,
+        "train_device": train["device"],
+        "export_provider": ex["provider"],
+        "nll": ev["test/nll_iwae"],
+        "dataset": dataset,
+        "log": stages,
+    }
+
+
+def step_inference(repo: Path, env: dict, tmp: Path) -> str:
+    script, model = ROOT / "benchmarks" / "inference.py", repo / "models" / "vae.pt"
+    cmd = [sys.executable, str(script), "--checkpoint", str(model), "--seconds", "0.5"]
+    out = sh(ROOT, *cmd, env=env, timeout=900)
+    return out[out.index("| graph |") :] if "| graph |" in out else out
+
+
+def step_serve(repo: Path, env: dict, tmp: Path, provider: str) -> dict:
+    from _project import served
+
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    log = tmp / "serve.log"
+    with served("models:/vae-decoder/1", uri, log, {"VAEPIPE_PROVIDER": provider}) as url:
+        z = [[0.0] * yaml.safe_load((repo / "params.yaml").read_text())["model"]["latent_dim"]]
+        req = urllib.request.Request(
+            url, json.dumps({"inputs": z}).encode(), {"Content-Type": "application/json"}
+        )
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status = r.status
+        ms = (time.perf_counter() - t0) * 1e3
+    loaded = next((line for line in log.read_text().splitlines() if "vaepipe: model" in line), "")
+    return {"status": status, "first_request_ms": ms, "loaded": loaded}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (try the script)")
+    ap.add_argument("--out", help="also write the report to this Markdown file")
+    args = ap.parse_args()
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        fail(
+            f"torch {torch.__version__} sees no CUDA GPU here; run this on a machine with an "
+            "NVIDIA GPU (or --cpu to try the script)"
+        )
+    device = "cpu" if args.cpu else "cuda"
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (--cpu)"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        repo = project(tmp, device)
+        pipe = step_pipeline(repo, env)
+        if device == "cuda" and not (
+            pipe["train_device"].startswith("cuda")
+            and pipe["export_provider"] == "CUDAExecutionProvider"
+        ):
+            fail(
+                f"the pipeline did not run on the GPU: train on {pipe['train_device']}, "
+                f"export's onnxruntime on {pipe['export_provider']}"
+            )
+        inference = step_inference(repo, env, tmp)
+        serve = step_serve(repo, env, tmp, "cuda" if device == "cuda" else "cpu")
+    report = "\n".join(
+        [
+            f"# GPU check, {datetime.date.today()}: {gpu}",
+            f"torch {torch.__version__}; total {time.perf_counter() - start:.0f} s",
+            "",
+            f"1. dvc repro ({pipe['dataset']}, 3 epochs): {pipe['seconds']:.0f} s, train on "
+            f"{pipe['train_device']}, export parity on {pipe['export_provider']}, test NLL "
+            f"{pipe['nll']:.2f} nats",
+            *[f"   {line}" for line in pipe["log"]],
+            f"2. inference (benchmarks/inference.py on that model):\n\n{inference}",
+            f"3. served decoder: HTTP {serve['status']}, first request "
+            f"{serve['first_request_ms']:.1f} ms; {serve['loaded']}",
+        ]
+    )
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
