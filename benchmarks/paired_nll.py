@@ -5,7 +5,8 @@ binarization, so the difference of two rows is paired: its standard error comes 
 per-image differences, and is far smaller than the ± of each row (which is the spread of the
 images' NLLs). This script scores each model file on those images exactly as the evaluate
 stage does (pipeline/evaluate.py's test set and IWAE estimator, same seeds) and prints each
-NLL and the paired differences against the first model.
+NLL and the paired differences against the first model, computed by vaepipe.promotion (the
+gate of `vaepipe promote`, which pairs the NLLs the evaluate stage logged instead).
 
     dvc exp apply mlp-elbo && cp models/vae.pt /tmp/mlp-elbo.pt   # one file per experiment
     python benchmarks/paired_nll.py /tmp/mlp-elbo.pt /tmp/best.pt --k 500 --n 1000
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT / "pipeline"))
 import torch  # noqa: E402
 from evaluate import load_test  # noqa: E402
 
-from vaepipe import checkpoint, metrics  # noqa: E402
+from vaepipe import checkpoint, metrics, promotion  # noqa: E402
 from vaepipe.errors import exit_on_user_error  # noqa: E402
 
 
@@ -50,10 +51,10 @@ def main() -> None:
     for m, v in nlls.items():
         line = f"{m}: NLL {v.mean():.2f} ± {v.std() / math.sqrt(len(v)):.2f} nats"
         if m != base_name:
-            d = v - base
+            p = promotion.paired_difference(v.numpy(), base.numpy())  # what promote uses
             line += (
-                f"; minus {base_name}: {d.mean():+.2f} ± {d.std() / math.sqrt(len(d)):.2f} "
-                f"(paired; lower on {(d < 0).float().mean():.0%} of the images)"
+                f"; minus {base_name}: {p.diff:+.2f} ± {p.stderr:.2f} "
+                f"(paired; lower on {p.better:.0%} of the images)"
             )
         print(line)
 

@@ -173,3 +173,22 @@ def test_other_dataset_is_mnist_for_28x28_and_digits_resized_otherwise():
     assert name == "digits" and x.shape == (10, 1, 12, 12)
     name, why = ood.other_dataset((3, 28, 28), "npz", 10, seed=0)
     assert name is None and "3-channel" in why
+
+
+def test_paired_difference_is_the_mean_and_stderr_of_the_per_image_differences():
+    from vaepipe import promotion
+
+    rng = np.random.default_rng(0)
+    champion = rng.normal(230, 30, 1000)  # images differ a lot; the models differ little
+    candidate = champion - 0.5 + rng.normal(0, 2, 1000)
+    p = promotion.paired_difference(candidate, champion)
+    d = candidate - champion
+    assert p.diff == pytest.approx(d.mean()) and p.n == 1000
+    assert p.stderr == pytest.approx(d.std(ddof=1) / math.sqrt(1000))
+    assert p.better == pytest.approx((d < 0).mean())
+    assert p.significant  # -0.5 nats at a stderr of ~0.06: 8 standard errors
+    # unpaired, the same difference would be lost in the spread of the images (30 nats)
+    assert 2 * champion.std() / math.sqrt(1000) > abs(p.diff)
+    assert not promotion.paired_difference(champion + 0.01, champion).significant
+    with pytest.raises(promotion.PromotionError, match="cannot be paired"):
+        promotion.paired_difference(candidate[:10], champion)
