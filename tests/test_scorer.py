@@ -192,3 +192,21 @@ def test_paired_difference_is_the_mean_and_stderr_of_the_per_image_differences()
     assert not promotion.paired_difference(champion + 0.01, champion).significant
     with pytest.raises(promotion.PromotionError, match="cannot be paired"):
         promotion.paired_difference(candidate[:10], champion)
+
+
+def test_a_saturated_decoder_scores_finite_nlls_in_onnxruntime(tmp_path):
+    """A trained decoder's logits reach +-100 on background pixels: ONNX's exports of
+    BCE-with-logits (log of a sigmoid) and of logsumexp (unshifted) turn those into inf; ours
+    stay finite and equal to PyTorch."""
+    torch.manual_seed(0)
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])).eval()
+    with torch.no_grad():
+        last = vae.decoder.net[-1]
+        last.bias.copy_(torch.linspace(-120, 120, 64))  # saturated both ways
+    eps = metrics.fixed_noise(K, 3, seed=0)
+    path = export.export_models(vae, tmp_path, 18, {"dataset": "digits"}, eps, 0)["scorer"]
+    x = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0)).bernoulli()
+    (nll,) = runtime.open_session(path, "cpu").run({"x": x.numpy()})
+    expected = -metrics.iwae_log_likelihood(vae, x, K, eps=eps).numpy()
+    assert np.isfinite(nll).all() and nll.min() > 100  # hundreds of nats, not inf
+    np.testing.assert_allclose(nll, expected, rtol=1e-6, atol=1e-3)

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -27,7 +26,7 @@ def recon_nll(
     sigma: the Gaussian's std, a float or one per pixel [C, H, W].
     """
     if likelihood == "bernoulli":
-        nll = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+        nll = bernoulli_nll(logits, x)
     elif likelihood == "gaussian":
         mean = torch.sigmoid(logits)
         if isinstance(sigma, torch.Tensor):
@@ -40,6 +39,14 @@ def recon_nll(
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}")
     return nll.flatten(-3).sum(-1)
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log Bernoulli(x; sigmoid(logits)) elementwise, = softplus(l) - x l, written so that no
+    exp overflows and no log meets 0 for any logit: what BCE-with-logits computes, spelled out
+    because ONNX exports F.binary_cross_entropy_with_logits as log(sigmoid(l)), which is -inf
+    once sigmoid underflows (a saturated pixel of a trained decoder)."""
+    return logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - x * logits
 
 
 # Below |eta| < this the closed forms of the continuous Bernoulli cancel catastrophically in
@@ -163,5 +170,10 @@ def _log_weights(log_px_z, z, mu, logvar) -> torch.Tensor:
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
-    """The importance-weighted bound log (1/K) sum_k w_k per example: [B] from [K, B]."""
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+    """The importance-weighted bound log (1/K) sum_k w_k per example: [B] from [K, B].
+
+    The log-sum-exp is shifted by its max by hand: log weights are hundreds of nats below 0,
+    and ONNX's ReduceLogSumExp (what torch.logsumexp exports to) sums exp() unshifted, which
+    underflows to log(0) = -inf in the exported scorer."""
+    top = log_w.max(dim=0).values.detach()  # [B]; a constant shift: no gradient through it
+    return top + torch.log(torch.exp(log_w - top).sum(0)) - math.log(log_w.shape[0])
