@@ -157,6 +157,34 @@ def test_site_command_imports_neither_torch_nor_matplotlib(digits_model, tmp_pat
     assert "serve it: python -m http.server" in proc.stdout
 
 
+def test_site_is_also_an_artifact_of_the_run(digits_model, tmp_path):
+    """--log-run: the folder goes to the pipeline's MLflow run as site/, and what
+    `mlflow artifacts download` gives back is the same page."""
+    import mlflow
+    from _project import ROOT
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("vaepipe", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "train.json").write_text(json.dumps({"run_id": run_id}))
+    args = ["--out", "site", "--decoder", str(digits_model["decoder"])]
+    args += ["--runtime", str(_fake_runtime(tmp_path)), "--log-run"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    cmd = [sys.executable, "-m", "vaepipe.cli", "site", *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"logged to MLflow run {run_id} as site/" in proc.stdout
+    got = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="site", dst_path=str(tmp_path / "down"), tracking_uri=uri
+    )
+    for name in (*site.PAGE_FILES, "decoder.onnx", "model.json"):
+        assert (Path(got) / name).read_bytes() == (tmp_path / "site" / name).read_bytes()
+
+
 def test_fp16_variant_travels_with_the_decoder(digits_model, tmp_path):
     decoder = tmp_path / "decoder.onnx"
     shutil.copy(digits_model["decoder"], decoder)

@@ -275,10 +275,34 @@ def cmd_site(args) -> str:
     out = Path(args.out)
     config = build_site(out, Path(args.decoder), Path(args.runtime), kl_path)
     fp16 = " + fp16" if config["models"]["fp16"] else ""
+    logged = (
+        f"; logged to MLflow run {log_to_run(out, args.log_run)} as site/" if args.log_run else ""
+    )
     return (
         f"{args.decoder}{fp16} + onnxruntime-web {config['runtime']['version']} -> {out}/ "
-        f"(serve it: python -m http.server --directory {out})"
+        f"(serve it: python -m http.server --directory {out}){logged}"
     )
+
+
+def log_to_run(out: Path, run_id: str) -> str:
+    """The built folder as the artifacts `site/` of an MLflow run (the pipeline's own run, from
+    metrics/train.json, when run_id is "train"): `mlflow artifacts download -r RUN -a site`
+    gives anyone with the store the page. Returns the run id."""
+    from vaepipe import config, tracking
+    from vaepipe.fileio import read_json
+
+    if run_id == "train":
+        if not paths.TRAIN_METRICS.is_file():
+            raise SiteError(
+                f"--log-run needs {paths.TRAIN_METRICS} (run the pipeline) or a run id"
+            )
+        run_id = read_json(paths.TRAIN_METRICS)["run_id"]
+    experiment = config.load(paths.PARAMS).mlflow.experiment if paths.PARAMS.is_file() else None
+    if experiment is None:
+        raise SiteError(f"--log-run needs {paths.PARAMS} to name the MLflow experiment")
+    with tracking.run(experiment, run_id=run_id):
+        tracking.log_artifacts(out, "site")
+    return run_id
 
 
 def add_parser(sub) -> None:
@@ -294,5 +318,13 @@ def add_parser(sub) -> None:
         "--runtime",
         default=RUNTIME_DIR,
         help=f"onnxruntime-web's dist folder (default: {RUNTIME_DIR}, made by `make web`)",
+    )
+    p.add_argument(
+        "--log-run",
+        nargs="?",
+        const="train",
+        metavar="RUN_ID",
+        help="also log the folder to an MLflow run's artifacts as site/ (default run: the "
+        "pipeline's, from metrics/train.json)",
     )
     p.set_defaults(fn=cmd_site)
