@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,37 +52,20 @@ def sh(cwd: Path, *args: str, env: dict | None = None, timeout: int = 600) -> st
 
 def project(tmp: Path, device: str) -> Path:
     """A git repo holding a copy of the pipeline with a few-epoch, `device` param set."""
+    from _project import make_project
+
     from vaepipe import data
 
-    repo = tmp / "project"
-    for name in ("pipeline", "src"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/raw/README.md"):
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
     fashion = data._has_all(data.SYSTEM_DATASET_DIR / "fashion-mnist")
-    params["data"]["dataset"] = "fashion-mnist" if fashion else "digits"
-    params["train"].update(epochs=3, device=device)
-    params["evaluate"].update(iwae_n=1000, probe_train_size=2000)
-    params["export"]["provider"] = "cuda" if device == "cuda" else "cpu"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
-        sh(repo, *cmd)
-    sh(
-        repo,
-        "git",
-        "-c",
-        "user.name=gpu-check",
-        "-c",
-        "user.email=gpu@check",
-        "commit",
-        "-qm",
-        "gpu check",
-    )
-    return repo
+    params = {
+        "data.dataset": "fashion-mnist" if fashion else "digits",
+        "train.epochs": 3,
+        "train.device": device,
+        "evaluate.iwae_n": 1000,
+        "evaluate.probe_train_size": 2000,
+        "export.provider": "cuda" if device == "cuda" else "cpu",
+    }
+    return make_project(tmp / "project", tiny=False, **params)
 
 
 def step_pipeline(repo: Path, env: dict) -> dict:

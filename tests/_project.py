@@ -113,8 +113,9 @@ def set_params(repo: Path, **overrides):
     path.write_text(yaml.safe_dump(params))
 
 
-def make_project(repo: Path, **overrides) -> Path:
-    """Copy the pipeline into `repo`, set tiny params, and commit it as a fresh git repo."""
+def make_project(repo: Path, tiny: bool = True, **overrides) -> Path:
+    """Copy the pipeline into `repo`, set tiny params (TINY, unless tiny=False) and the
+    overrides, and commit it as a fresh git repo."""
     for name in ("pipeline", "src"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/raw/README.md"):
@@ -122,10 +123,21 @@ def make_project(repo: Path, **overrides) -> Path:
         shutil.copy(ROOT / name, repo / name)
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    set_params(repo, **{**TINY, **overrides})
+    set_params(repo, **{**(TINY if tiny else {}), **overrides})
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "init")
+    # an identity of its own: a fresh machine (CI, a GPU box) may have none configured
+    sh(
+        repo,
+        "git",
+        "-c",
+        "user.name=vaepipe",
+        "-c",
+        "user.email=vaepipe@localhost",
+        "commit",
+        "-qm",
+        "init",
+    )
     return repo
 
 

@@ -99,17 +99,23 @@ def cmd_generate(args) -> str:
     return f"{args.n} samples (seed {args.seed}) -> {out}"
 
 
-def cmd_encode(args) -> str:
-    out = _check_out(args.out, (".npz",))
-    sess = _open(args)
+def _images(sess: runtime.Session, src: Path) -> tuple[np.ndarray, dict]:
+    """The images of an npz or a PNG folder, checked for the session's input (float32 in
+    [0, 1]), and what travels with them into the output (labels y, or the file names)."""
     shape = sess.input_shape()[1:]
-    src = Path(args.input)
     if src.is_dir():
         x, names = imagefiles.read_png_folder(src, shape)
         extra = {"names": np.array(names)}
     else:
         x, extra = imagefiles.images_from_npz(src, shape)
-    x = sess.check(x, value_range=(0.0, 1.0))
+    return sess.check(x, value_range=(0.0, 1.0)), extra
+
+
+def cmd_encode(args) -> str:
+    out = _check_out(args.out, (".npz",))
+    sess = _open(args)
+    src = Path(args.input)
+    x, extra = _images(sess, src)
     res = sess.run_batched(x, args.batch_size)
     imagefiles.write_file(out, {**res, **extra})
     return f"{len(x)} images from {src} -> {out} ({', '.join(res)})"
@@ -241,14 +247,9 @@ def cmd_promote(args) -> str:
 def cmd_score(args) -> str:
     out = _check_out(args.out, (".npz",))
     sess = _open(args)
-    shape = sess.input_shape()[1:]
     src = Path(args.input)
-    if src.is_dir():
-        x, names = imagefiles.read_png_folder(src, shape)
-        extra = {"names": np.array(names)}
-    else:
-        x, extra = imagefiles.images_from_npz(src, shape)
-    x = sess.check(x, value_range=(0.0, 1.0))
+    x, extra = _images(sess, src)
+    shape = x.shape[1:]
     nll = sess.run_batched(x, args.batch_size)["nll"]
     imagefiles.write_file(out, {"nll": nll, **extra})
     meta = sess.metadata()
