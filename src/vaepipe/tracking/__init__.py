@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +25,17 @@ from vaepipe.errors import VaepipeError
 
 STORE_DIR = "mlruns"
 # Our retry of transient store errors (sqlite "database is locked" between parallel workers, a
-# dropped connection): 6 attempts over about 8 s in all.
+# dropped connection, a server whose database restarts): 6 attempts over about 8 s, and none
+# begun after RETRY_SECONDS, as one attempt on an HTTP store holds MLflow's own retries (a
+# server whose object store is down answers 500 only after ~4 s, 3 times: 20 s an attempt).
 RETRY_ATTEMPTS = 6
 RETRY_DELAY = 0.25
+RETRY_SECONDS = 15
+# Closing a run outlasts a short outage (a database restart) so that the run ends FAILED
+# rather than RUNNING: more attempts, none begun after CLOSE_SECONDS.
+CLOSE_ATTEMPTS = 12
+CLOSE_SECONDS = 60
+MAX_DELAY = 4.0
 # MLflow's HTTP client retries on its own, by default 7 times with a backoff that adds up to
 # minutes, and waits 120 s per request: an unreachable server would stall a stage that long.
 # Bounded here unless the user set them.
@@ -68,28 +77,109 @@ def _first_line(e: Exception) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
-def call(fn: Callable[[], T], what: str, also_transient: tuple[str, ...] = ()) -> T:
+# (what MLflow's message holds, what to say): the cause of a failed HTTP call in a few words
+# instead of urllib3's 400-character chain
+_CAUSES = (
+    ("Connection refused", "connection refused"),
+    ("Failed to establish a new connection", "connection refused"),
+    ("Read timed out", "no answer within MLFLOW_HTTP_REQUEST_TIMEOUT"),
+    ("timed out", "timed out"),
+    ("Connection reset", "connection reset"),
+    ("RemoteDisconnected", "the server closed the connection"),
+    ("Connection aborted", "the server closed the connection"),
+)
+
+
+def _cause(e: Exception) -> str:
+    """Why a store call failed, in one short line: for an HTTP server the status and the
+    endpoint that failed, and which part behind it that status points at."""
+    text = str(e)
+    status = _STATUS.search(text)
+    url = re.search(r"API request to (?:endpoint )?(\S+)", text)
+    endpoint = url[1].split("?")[0] if url else ""
+    if "/mlflow-artifacts/artifacts/" in endpoint:  # the proxied object store: say which file
+        root, _, path = endpoint.partition("/mlflow-artifacts/artifacts/")
+        endpoint = f"{root}/mlflow-artifacts (uploading {path.rsplit('/', 1)[-1]})"
+    if status:
+        code = status[1] or status[2]
+        if "mlflow-artifacts" in endpoint:
+            behind = "the object store behind the server is down or refused the file"
+        elif code.startswith("5"):
+            behind = "the server or its database failed"
+        else:
+            behind = "the server refused the call"
+        return f"{endpoint or 'the server'} answered HTTP {code}: {behind} (its log says why)"
+    for needle, words in _CAUSES:
+        if needle in text:
+            return f"{words} ({endpoint})" if endpoint else words
+    return _first_line(e)
+
+
+_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3})")
+
+
+# Stores that did not answer at all through a whole call (a server that is gone, not one that
+# answers 5xx while its database restarts): the calls that follow (closing the run, its error
+# tag) make one quick attempt, so a stage that fails says so at once.
+_down: set[str] = set()
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    """MLflow's HTTP client without its own retries and with a short timeout, for a while."""
+    saved = {k: os.environ.get(k) for k in HTTP_DEFAULTS}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def call(
+    fn: Callable[[], T],
+    what: str,
+    also_transient: tuple[str, ...] = (),
+    attempts: int = RETRY_ATTEMPTS,
+    seconds: float = RETRY_SECONDS,
+) -> T:
     """fn() with the retry policy; a store that stays unreachable, or refuses the call, is a
     TrackingError naming the store and what was being done. `also_transient`: messages that
-    mean "try again" for this call only (a race another client won)."""
+    mean "try again" for this call only (a race another client won). `attempts`, `seconds`:
+    at most that many tries, none begun after that many seconds."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(RETRY_ATTEMPTS):
+    uri = tracking_uri()
+    start = time.monotonic()
+    quick = uri in _down
+    for attempt in range(1 if quick else attempts):
         try:
-            return fn()
+            with _quick_http() if quick else contextlib.nullcontext():
+                result = fn()
+            _down.discard(uri)
+            return result
         except Exception as e:  # MLflow wraps sqlite/HTTP errors in several types
             transient = any(t in str(e) for t in (*TRANSIENT, *also_transient))
-            if transient and attempt < RETRY_ATTEMPTS - 1:
-                time.sleep(RETRY_DELAY * 2**attempt)
+            delay = min(RETRY_DELAY * 2**attempt, MAX_DELAY)
+            late = time.monotonic() - start + delay > seconds
+            if transient and not quick and attempt < attempts - 1 and not late:
+                time.sleep(delay)
                 continue
             if transient:
+                # a server that answers with an error status is there, but cannot do the call
+                answered = bool(_STATUS.search(str(e)))
+                if not answered:
+                    _down.add(uri)
+                tried = f"; tried for {time.monotonic() - start:.0f} s" if not quick else ""
+                how = "failed" if answered else "is unreachable"
                 raise TrackingError(
-                    f"MLflow store {tracking_uri()} is unreachable while {what}: {_first_line(e)}"
+                    f"MLflow store {uri} {how} while {what}: {_cause(e)}{tried}"
                 ) from None
             if isinstance(e, MlflowException):
-                raise TrackingError(
-                    f"MLflow store {tracking_uri()} refused {what}: {_first_line(e)}"
-                ) from None
+                raise TrackingError(f"MLflow store {uri} refused {what}: {_cause(e)}") from None
             raise
     raise AssertionError("unreachable")
 
@@ -270,7 +360,8 @@ def run(
     import mlflow
 
     active = _start(experiment, run_id, run_name, tags, system_metrics)
-    status = "FAILED"
+    run_id = active.info.run_id
+    status, why = "FAILED", None
     try:
         with signals.handled():
             yield active
@@ -279,12 +370,30 @@ def run(
         status = "KILLED"
         raise
     except Exception as e:
-        # Why it failed, readable in `mlflow ui` beside the FAILED status.
-        with contextlib.suppress(Exception):
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        why = f"{type(e).__name__}: {e}"[:5000]
         raise
     finally:
-        call(lambda: mlflow.end_run(status=status), f"closing run {active.info.run_id}")
+        # Closed with a longer retry: a database that restarts is back in time to mark the
+        # run FAILED (a server that is gone gets one quick attempt).
+        # (The store is told first: mlflow.end_run forgets the run before it calls the store,
+        # so a retried end_run would close nothing.)
+        try:
+            close = lambda: mlflow.MlflowClient().set_terminated(run_id, status)  # noqa: E731
+            call(close, f"closing run {run_id}", (), CLOSE_ATTEMPTS, CLOSE_SECONDS)
+        except TrackingError:
+            with contextlib.suppress(Exception), _quick_http():
+                mlflow.end_run(status=status)  # this process's state; the store is away
+            if status == "FINISHED":
+                raise
+            # the error on its way out says what failed; the run stays RUNNING in a store
+            # that is away until a rerun of train reopens it
+        else:
+            with contextlib.suppress(TrackingError):  # closed already; this ends it here
+                call(lambda: mlflow.end_run(status=status), f"closing run {run_id}")
+            if why:  # why it failed, readable in `mlflow ui` beside the FAILED status
+                with contextlib.suppress(Exception):
+                    tag = lambda: mlflow.MlflowClient().set_tag(run_id, "error", why)  # noqa: E731
+                    call(tag, "setting the error tag")
 
 
 # --- what a stage logs into the active run -------------------------------------------------
@@ -335,7 +444,12 @@ def log_image(image, key: str, step: int) -> None:
     """An image (uint8 [H, W] or [H, W, 3]) under `key` at `step`: the UI steps through them."""
     import mlflow
 
-    call(lambda: mlflow.log_image(image, key=key, step=step), f"logging image '{key}'")
+    # synchronous: mlflow.log_image uploads in a background queue by default, where a failed
+    # upload is only logged by MLflow and the picture silently missing from the run
+    call(
+        lambda: mlflow.log_image(image, key=key, step=step, synchronous=True),
+        f"logging image '{key}'",
+    )
 
 
 def log_dataset(
