@@ -121,12 +121,17 @@ def start_s3(d: Path, ports: dict, key: str, secret: str) -> tuple[subprocess.Po
     cmd += ["-volume.preStopSeconds=0"]
     cmd += [f"-s3.localSocket={data / 's3.sock'}", f"-filer.localSocket={data / 'filer.sock'}"]
     env = base_env() | {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    return spawn(cmd, data, env, log, "weed mini")
+
+
+def spawn(cmd: list[str], cwd: Path, env: dict, log: Path, name: str):
+    """A server in its own session (stopped as a group), its output to `log`."""
     with open_log(log) as out:
         proc = subprocess.Popen(
-            cmd, cwd=data, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    return proc, started(proc, "weed mini", log)
+    return proc, started(proc, name, log)
 
 
 def remove_weed_sockets(ports: dict) -> None:
@@ -175,12 +180,7 @@ def start_mlflow(
         # this pipeline never uses.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    with open_log(log) as out:
-        proc = subprocess.Popen(
-            cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    return proc, started(proc, "mlflow server", log)
+    return spawn(cmd, work, env, log, "mlflow server")
 
 
 def mlflow_ready(ports: dict) -> bool:
