@@ -52,7 +52,8 @@ def test_cuda_policy_runs_on_cuda(paths):
 
 
 def test_bad_policy_missing_and_broken_files(paths, tmp_path):
-    with pytest.raises(RuntimeProviderError, match="'gpu' is not one of auto, cuda, cpu"):
+    allowed = "auto, cuda, tensorrt, cpu"
+    with pytest.raises(RuntimeProviderError, match=f"'gpu' is not one of {allowed}"):
         runtime.open_session(paths["decoder"], "gpu")
     with pytest.raises(ModelFileError, match="does not exist"):
         runtime.open_session(tmp_path / "nope.onnx")

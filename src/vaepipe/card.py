@@ -93,7 +93,8 @@ def _export(c: CardFacts) -> list[str]:
 
 
 def _contract(c: CardFacts) -> list[str]:
-    rows = [f"| {io} | `{n}` | {shape} | {values} |" for io, n, shape, values in c.contract]
+    cells = [(io, n, shape, values.replace("|", "\\|")) for io, n, shape, values in c.contract]
+    rows = [f"| {io} | `{n}` | {shape} | {values} |" for io, n, shape, values in cells]
     return [
         f"## Contract ({ROLES[c.role]})",
         "| | name | float32 shape | values |",

@@ -200,7 +200,11 @@ def run_state(run_id: str) -> str:
 
 
 def download(run_id: str, artifact_path: str, dst: Path) -> Path:
+    import os
+
     import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar
 
     local = call(
         lambda: mlflow.artifacts.download_artifacts(
