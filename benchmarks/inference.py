@@ -100,7 +100,7 @@ PARAMS = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
 
 def scorer_noise(vae: VAE) -> torch.Tensor:
     ex = PARAMS.export
-    return metrics.fixed_noise(ex.scorer_k, vae.cfg.latent_dim, ex.scorer_seed)
+    return metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
 
 
 def graphs(vae: VAE, out_dir: Path) -> dict[str, dict[str, Path]]:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from vaepipe import config  # noqa: E402
 from vaepipe.distributed import Step  # noqa: E402
-from vaepipe.elbo import elbo_terms, iwae_terms  # noqa: E402
+from vaepipe.elbo import sample_terms  # noqa: E402
 from vaepipe.model import VAE, VAEConfig  # noqa: E402
 
 STEPS_PER_EPOCH = 422  # ceil(54,000 / 128)
@@ -49,15 +49,12 @@ def step_seconds(cfg: VAEConfig, k: int | None, steps: int, warmup: int = 3) -> 
     step = Step(vae)
     opt = torch.optim.Adam(vae.parameters(), foreach=True)
     x = torch.bernoulli(torch.rand(128, *cfg.image_shape))
-    shape = (k, 128, cfg.latent_dim) if k else (128, cfg.latent_dim)
+    shape = (k, 128, vae.noise_dim) if k else (128, vae.noise_dim)
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        logits, z, mu, logvar = step(x, torch.randn(shape))
-        if k:
-            t = iwae_terms(x, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
-        else:
-            t = elbo_terms(x, logits, mu, logvar, cfg.likelihood, vae.sigma)
+        s = step(x, torch.randn(shape))
+        t = sample_terms(x, s, cfg.likelihood, vae.sigma, iwae=bool(k))
         opt.zero_grad(set_to_none=True)
         t.loss.backward()
         opt.step()

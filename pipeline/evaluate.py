@@ -27,6 +27,7 @@ from vaepipe import (
     ood,
     paths,
     plots,
+    quality,
     tracking,
 )
 from vaepipe.device import resolve_device, set_threads
@@ -47,6 +48,7 @@ class Inputs:
     grey: torch.Tensor  # [N, C, H, W] intensities in [0, 1], what a deployment encodes
     y: np.ndarray | None  # [N] labels, or None
     split: data.Split  # the prepared test split as stored
+    labels: torch.Tensor | None = None  # [N] on the device, for a conditional model only
 
 
 def load_test(vae: VAE, device: torch.device, seed: int) -> Inputs:
@@ -62,7 +64,12 @@ def load_test(vae: VAE, device: torch.device, seed: int) -> Inputs:
     x = grey
     if vae.cfg.likelihood == "bernoulli":
         x = data.binarize(grey, torch.Generator(device=device).manual_seed(seed))
-    return Inputs(x, grey, test.y, test)
+    labels = None
+    if vae.cfg.conditional:
+        if test.y is None:
+            raise data.DataError("the model is conditional but the test set has no labels")
+        labels = torch.from_numpy(test.y).to(device)
+    return Inputs(x, grey, test.y, test, labels)
 
 
 def train_latents(
@@ -72,18 +79,22 @@ def train_latents(
     train = data.load_split(paths.prepared("train"))
     idx = latent.subsample(len(train.x), ev.probe_train_size, ev.seed)
     grey = torch.from_numpy(data.to_unit(train.x[idx])).to(device)
-    mu, _ = metrics.encode_all(vae, grey, ev.batch_size)
+    labels = None
+    if vae.cfg.conditional:
+        labels = torch.from_numpy(train.y[idx]).to(device)
+    mu, _ = metrics.encode_all(vae, grey, ev.batch_size, labels)
     return mu.cpu().numpy(), None if train.y is None else train.y[idx]
 
 
 def likelihood(vae: VAE, inp: Inputs, ev: config.EvaluateConfig):
     """IWAE NLL with its standard error, bits/dim and the ELBO terms; the test KL per dim; and
     each image's NLL (what `vaepipe promote` pairs between two models)."""
-    elbo, kl_d = metrics.evaluate_elbo(vae, inp.x, batch_size=ev.batch_size, seed=ev.seed)
+    elbo, kl_d = metrics.evaluate_elbo(vae, inp.x, ev.batch_size, ev.seed, inp.labels)
     # The IWAE bound on the first iwae_n test images (0 = all): k x n decoder passes, the
     # costliest figure here; the first 1,000 is the literature's usual subset.
     n = min(ev.iwae_n or len(inp.x), len(inp.x))
-    log_px = metrics.iwae_log_likelihood(vae, inp.x[:n], ev.iwae_k, seed=ev.seed)
+    labels = None if inp.labels is None else inp.labels[:n]
+    log_px = metrics.iwae_log_likelihood(vae, inp.x[:n], ev.iwae_k, seed=ev.seed, y=labels)
     nll, nll_se = metrics.mean_and_stderr(-log_px)
     return (
         {
@@ -100,10 +111,12 @@ def likelihood(vae: VAE, inp: Inputs, ev: config.EvaluateConfig):
     )
 
 
-def collapse(mu: torch.Tensor, logvar: torch.Tensor, ev: config.EvaluateConfig) -> dict:
-    """Active units, I(x; z) and KL(q(z) || p(z)) from the test posteriors."""
+def collapse(vae: VAE, mu, logvar, ev: config.EvaluateConfig) -> dict:
+    """Active units, I(x; z) and KL(q(z) || p(z)) (against the model's prior) from the test
+    posteriors."""
     n_active, _ = metrics.active_units(mu, ev.active_threshold)
-    info = metrics.posterior_information(mu, logvar, seed=ev.seed)
+    log_prior = None if vae.cfg.prior == "standard" else vae.prior.log_prob
+    info = metrics.posterior_information(mu, logvar, seed=ev.seed, log_prior=log_prior)
     return {
         "test/active_units": n_active,
         "test/mutual_info": info["mutual_info"],
@@ -114,7 +127,7 @@ def collapse(mu: torch.Tensor, logvar: torch.Tensor, ev: config.EvaluateConfig) 
 def reconstruction(
     vae: VAE, inp: Inputs, ev: config.EvaluateConfig
 ) -> tuple[dict, metrics.Reconstruction]:
-    rec = metrics.reconstruct(vae, inp.x, inp.grey, ev.batch_size)
+    rec = metrics.reconstruct(vae, inp.x, inp.grey, ev.batch_size, inp.labels)
     mse = rec.mse.mean().item()
     return {
         "test/recon_nll_mu": rec.recon_nll.mean().item(),
@@ -129,7 +142,8 @@ def image_pictures(vae: VAE, inp: Inputs, rec: metrics.Reconstruction, n: int, s
 
     def beside_reconstructions(idx: torch.Tensor) -> np.ndarray:
         grey = inp.grey[idx]
-        recon = latent.decode_mean(vae, metrics.encode_all(vae, grey)[0])
+        y = None if inp.labels is None else inp.labels[idx]
+        recon = latent.decode_mean(vae, metrics.encode_all(vae, grey, y=y)[0], y)
         return imagefiles.interleave_rows(grey.cpu().numpy(), recon)
 
     plots.save_grid(
@@ -146,11 +160,19 @@ def image_pictures(vae: VAE, inp: Inputs, rec: metrics.Reconstruction, n: int, s
         "even rows reconstruction",
     )
     gen = torch.Generator(device=inp.x.device).manual_seed(seed)
-    z = torch.randn((n, vae.cfg.latent_dim), generator=gen, device=inp.x.device)
+    eps = torch.randn((n, vae.cfg.latent_dim), generator=gen, device=inp.x.device)
+    u = torch.rand(n, generator=gen, device=inp.x.device)
+    with torch.no_grad():
+        z = vae.sample_prior(eps, u)
+    prior = "N(0, I)" if vae.cfg.prior == "standard" else f"the learned {vae.cfg.prior} prior"
+    # a conditional model: one label per row (8 to a row, labels 0, 1, ... cycling)
+    rows = torch.arange(n, device=z.device) // 8 % max(1, vae.cfg.n_classes)
+    y = rows if vae.cfg.conditional else None
     plots.save_grid(
         PLOTS / "samples.png",
-        latent.decode_mean(vae, z),
-        f"{n} samples from the prior: E[x | z], z ~ N(0, I)",
+        latent.decode_mean(vae, z, y),
+        f"{n} samples from the prior: E[x | z], z ~ {prior}"
+        + (" (row r: label r)" if y is not None else ""),
     )
 
 
@@ -182,10 +204,11 @@ def latent_pictures(
     dims = torch.argsort(act, descending=True)[: min(ev.traversal_dims, n_active or 1)].tolist()
     values = TRAVERSAL_VALUES.to(mu_grey)
     z = latent.traversal_codes(mu_grey[0], dims, values)  # [n_dims * n_values, D]
+    y0 = None if inp.labels is None else inp.labels[:1].expand(len(z))
     which = f"{len(dims)} most active" if n_active else "most active (none is active)"
     plots.save_grid(
         PLOTS / "traversals.png",
-        latent.decode_mean(vae, z),
+        latent.decode_mean(vae, z, y0),
         f"Traversals of the {which} dims around mu(test image 0): one row per dim z_d, "
         "set to the value below",
         ncols=len(values),
@@ -195,7 +218,7 @@ def latent_pictures(
     pairs = latent.pick_pairs(inp.y, len(inp.grey), INTERPOLATION_PAIRS, ev.seed)
     plots.save_grid(
         PLOTS / "interpolation.png",
-        latent.interpolation_images(vae, inp.grey, pairs, INTERPOLATION_STEPS),
+        latent.interpolation_images(vae, inp.grey, pairs, INTERPOLATION_STEPS, inp.labels),
         "Decoded interpolation from mu(a) to mu(b) between two test images per row "
         "(outer columns: the images a and b)",
         ncols=INTERPOLATION_STEPS + 2,
@@ -223,11 +246,55 @@ def separation(vae: VAE, inp: Inputs, params: config.Params) -> tuple[dict, dict
     carries) between the first evaluate.ood_n grey test images and their corruptions or
     another dataset: (results, skipped)."""
     ev, ex = params.evaluate, params.export
-    eps = metrics.fixed_noise(ex.scorer_k, vae.cfg.latent_dim, ex.scorer_seed)
-    sets, why = ood.separation(vae, inp.grey[: ev.ood_n], eps, params.data.dataset, ev.seed)
+    eps = metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
+    y = None if inp.labels is None else inp.labels[: ev.ood_n]
+    sets, why = ood.separation(vae, inp.grey[: ev.ood_n], eps, params.data.dataset, ev.seed, y)
     results = {f"test/auroc_{k}": v["auroc"] for k, v in sets.items() if "auroc" in v}
     results["separation"] = {**sets, "n": min(ev.ood_n, len(inp.grey)), "k": ex.scorer_k}
     return results, {f"test/auroc_{k.replace(' ', '_')}": v for k, v in why.items()}
+
+
+def sample_quality(vae: VAE, inp: Inputs, params: config.Params, mu_train) -> tuple[dict, dict]:
+    """FID, precision and recall of evaluate.fid_n samples against as many test images, in the
+    classifier stage's feature space, for each way of drawing z: N(0, I), the model's learned
+    prior, and a 10-component Gaussian mixture fitted to the training codes (the aggregate
+    posterior, what the decoder saw). test/fid (precision, recall) are those of the model's
+    own prior: what `vaepipe generate` draws."""
+    classifier, why = quality.load_classifier(paths.CLASSIFIER)
+    names = ("test/fid", "test/precision", "test/recall")
+    if classifier is None:
+        return {}, dict.fromkeys(names, why)
+    ev = params.evaluate
+    n = min(ev.fid_n, len(inp.grey))
+    real = quality.features(classifier, inp.grey[:n].cpu())
+    gen = torch.Generator().manual_seed(ev.seed)
+    eps, u = torch.randn(n, vae.cfg.latent_dim, generator=gen), torch.rand(n, generator=gen)
+    draws = {"standard": eps}
+    if vae.cfg.prior != "standard":
+        with torch.no_grad():
+            draws["prior"] = vae.sample_prior(eps.to(inp.x.device), u.to(inp.x.device))
+    draws["aggregate"] = torch.from_numpy(
+        quality.aggregate_posterior_sampler(mu_train, 10, ev.seed)(n)
+    )
+    # a conditional model draws every label equally often; the classifier then says whether
+    # each sample shows the class it was asked for
+    y = torch.arange(n, device=inp.x.device) % vae.cfg.n_classes if vae.cfg.conditional else None
+    table = {}
+    for name, z in draws.items():
+        images = torch.from_numpy(latent.decode_mean(vae, z.to(inp.x.device), y))
+        table[name] = quality.quality(classifier, real, images)
+        if y is not None:
+            table[name]["cond_accuracy_per_label"] = quality.accuracy_per_label(
+                classifier, images, y.cpu()
+            )
+    own = table["prior" if "prior" in table else "standard"]
+    accuracy = read_json(paths.CLASSIFIER_METRICS).get("test_accuracy")
+    results = {f"test/{k}": v for k, v in own.items() if not isinstance(v, list)}
+    results.update({f"test/fid_{name}": t["fid"] for name, t in table.items()})
+    if y is not None:
+        results["test/cond_accuracy"] = float(np.mean(own["cond_accuracy_per_label"]))
+    results["sample_quality"] = {**table, "n": n, "classifier_accuracy": accuracy}
+    return results, {}
 
 
 def log_to_mlflow(params, inp: Inputs, results: dict, skipped: dict, seconds, per_image):
@@ -282,6 +349,15 @@ def summary(r: dict, skipped: dict, n_dims: int, seconds: float, run_id: str) ->
         f"  latent quality  probe {get('test/probe_accuracy', '.3f')}, "
         f"kNN {get('test/knn_accuracy', '.3f')}, KMeans NMI {get('test/kmeans_nmi', '.3f')} "
         f"ARI {get('test/kmeans_ari', '.3f')}, silhouette {get('test/silhouette', '.3f')}",
+        f"  sample quality  FID {get('test/fid', '.2f')}, "
+        f"precision {get('test/precision', '.3f')}, recall {get('test/recall', '.3f')} "
+        "(classifier features; "
+        + ", ".join(
+            f"FID {k} {r[f'test/fid_{k}']:.2f}"
+            for k in ("standard", "prior", "aggregate")
+            if f"test/fid_{k}" in r
+        )
+        + ")",
         "  separation      AUROC of the scorer's NLL against the test images: "
         + ", ".join(
             f"{name} {v['auroc']:.3f}"
@@ -311,17 +387,18 @@ def main() -> None:
     results, kl_d, per_image = likelihood(vae, inp, ev)
     # Collapse diagnostics on the data the likelihood is measured on; latent quality and the
     # pictures on grey images, as a deployment would encode them.
-    mu, logvar = metrics.encode_all(vae, inp.x, ev.batch_size)
-    results.update(collapse(mu, logvar, ev))
+    mu, logvar = metrics.encode_all(vae, inp.x, ev.batch_size, inp.labels)
+    with torch.no_grad():
+        results.update(collapse(vae, mu, logvar, ev))
     recon_results, rec = reconstruction(vae, inp, ev)
     results.update(recon_results)
-    mu_grey, _ = metrics.encode_all(vae, inp.grey, ev.batch_size)
+    mu_grey, _ = metrics.encode_all(vae, inp.grey, ev.batch_size, inp.labels)
     mu_train, y_train = train_latents(vae, device, ev)
-    quality = latent.latent_quality(
+    scores = latent.latent_quality(
         mu_train, y_train, mu_grey.cpu().numpy(), inp.y, ev.knn_k, ev.seed
     )
-    results.update({f"test/{k}": v for k, v in quality.scores.items()})
-    skipped = {f"test/{k}": why for k, why in quality.skipped.items()}
+    results.update({f"test/{k}": v for k, v in scores.scores.items()})
+    skipped = {f"test/{k}": why for k, why in scores.skipped.items()}
 
     act = metrics.activity(mu)
     image_pictures(vae, inp, rec, min(ev.n_images, len(inp.x)), ev.seed)
@@ -329,6 +406,9 @@ def main() -> None:
     skipped.update(chart_pictures(kl_d, act, ev.active_threshold))
     separated, why = separation(vae, inp, params)
     results.update(separated)
+    skipped.update(why)
+    graded, why = sample_quality(vae, inp, params, mu_train)
+    results.update(graded)
     skipped.update(why)
 
     seconds = time.perf_counter() - t0

@@ -83,6 +83,12 @@ def contract(vae, name: str) -> list[tuple[str, str, str, str]]:
     """The graph's inputs and outputs as the model card shows them."""
     c, h, w = vae.cfg.image_shape
     image, z = f"[batch, {c}, {h}, {w}]", f"[batch, {vae.cfg.latent_dim}]"
+    labels = [("input", "y", f"[batch, {vae.cfg.n_classes}]", "one-hot label")]
+    rows = _contract_rows(vae, image, z)[name]
+    return [*rows[:1], *(labels if vae.cfg.conditional else []), *rows[1:]]
+
+
+def _contract_rows(vae, image: str, z: str) -> dict:
     return {
         "encoder": [
             ("input", "x", image, "in [0, 1]"),
@@ -97,7 +103,7 @@ def contract(vae, name: str) -> list[tuple[str, str, str, str]]:
             ("input", "x", image, "in [0, 1]"),
             ("output", "nll", "[batch]", "nats, higher = less likely"),
         ],
-    }[name]
+    }
 
 
 def log_models(vae, files: dict, sessions, params: config.Params, facts: dict) -> list[str]:
@@ -106,15 +112,17 @@ def log_models(vae, files: dict, sessions, params: config.Params, facts: dict) -
     ex, cfg = params.export, vae.cfg
     rng = np.random.default_rng(0)
     x = rng.random((2, *cfg.image_shape), dtype=np.float32)
+    z = rng.standard_normal((2, cfg.latent_dim), dtype=np.float32)
+    # a conditional model's graphs take one-hot labels y too
+    y = (
+        {"y": np.eye(cfg.n_classes, dtype=np.float32)[[0, 1 % cfg.n_classes]]}
+        if cfg.conditional
+        else {}
+    )
     graphs = {
-        "encoder": ({"x": x}, [0.0, 1.0], ex.encoder_model, ex.serve_max_batch),
-        "decoder": (
-            {"z": rng.standard_normal((2, cfg.latent_dim), dtype=np.float32)},
-            None,
-            ex.decoder_model,
-            ex.serve_max_batch,
-        ),
-        "scorer": ({"x": x}, [0.0, 1.0], ex.scorer_model, ex.scorer_max_batch),
+        "encoder": ({"x": x, **y}, [0.0, 1.0], ex.encoder_model, ex.serve_max_batch),
+        "decoder": ({"z": z, **y}, None, ex.decoder_model, ex.serve_max_batch),
+        "scorer": ({"x": x, **y}, [0.0, 1.0], ex.scorer_model, ex.scorer_max_batch),
     }
     registered = []
     for name, (feeds, value_range, model_name, max_batch) in graphs.items():
@@ -151,6 +159,7 @@ def log_models(vae, files: dict, sessions, params: config.Params, facts: dict) -
             registered.append(f"{model_name} v{version}")
     for p in sorted(MODELS.glob("*.fp16.onnx")) + sorted(MODELS.glob("*.int8.onnx")):
         tracking.log_artifact(p, "onnx_variants")
+    tracking.log_artifact(files["prior"], "prior")  # generation: prior.onnx, then the decoder
     return registered
 
 
@@ -181,14 +190,8 @@ def version_tags(role: str, facts: dict, sess, image_shape) -> dict:
 def check_parity(vae, files: dict, ex) -> tuple[dict, dict]:
     """Sessions of the fp32 graphs and their export.json figures; ExportError over tolerance."""
     sessions = {name: runtime.open_session(p, ex.provider) for name, p in files.items()}
-    eps = metrics.fixed_noise(ex.scorer_k, vae.cfg.latent_dim, ex.scorer_seed)
-    errs = export.parity(
-        vae,
-        sessions["encoder"],
-        sessions["decoder"],
-        scorer_sess=sessions["scorer"],
-        scorer_eps=eps,
-    )
+    eps = metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
+    errs = export.parity_of(vae, sessions, eps)
     worst = max(v for k, v in errs.items() if not k.startswith("scorer"))
     results = {
         "opset": ex.opset,
@@ -207,7 +210,7 @@ def main() -> None:
     vae, _ = checkpoint.load(paths.MODEL)
     train, ev = read_json(paths.TRAIN_METRICS), read_json(paths.EVALUATE_METRICS)
     run_id, commit = train["run_id"], tracking.git_commit() or "unknown"
-    eps = metrics.fixed_noise(ex.scorer_k, vae.cfg.latent_dim, ex.scorer_seed)
+    eps = metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
     meta = graph_metadata(params, run_id, commit, ev)
     files = export.export_models(vae, MODELS, ex.opset, meta, eps, ex.scorer_seed)
     sessions, results = check_parity(vae, files, ex)

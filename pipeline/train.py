@@ -4,7 +4,9 @@ Writes models/vae.pt (the best epoch's weights + config + params), metrics/train
 epoch's figures, the data digests and the MLflow run id that evaluate and export add to) and
 plots/train/curves.json (per-epoch curves). After every epoch, and on Ctrl-C / SIGTERM, the
 whole loop state goes to models/checkpoints/last.pt; the next run with the same params
-continues from it (train.resume), in the same MLflow run.
+continues from it (train.resume), in the same MLflow run. With train.nproc x train.nnodes > 1
+the stage launches torchrun on itself; every machine then writes the same outputs, and the
+first process of node 0 logs the one MLflow run.
 
 Reads top to bottom: the data, the model, the run, the fit, the outputs.
 """
@@ -14,6 +16,8 @@ import _venv  # noqa: F401  (first: run with the project's packages)
 import contextlib
 import hashlib
 import json
+import os
+import sys
 import time
 
 import torch
@@ -48,6 +52,21 @@ def to_tensor(split: data.Split, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(data.to_unit(split.x)).to(device)
 
 
+def labels_of(params: config.Params, splits, device) -> tuple[tuple | None, int]:
+    """(train, val) labels and the number of classes of a conditional model; (None, 0) else."""
+    if not params.model.conditional:
+        return None, 0
+    if any(split.y is None for split in splits.values()):
+        raise ConfigError(
+            f"param 'model.conditional' is true but dataset '{params.data.dataset}' has no "
+            "labels to condition on"
+        )
+    n_classes = int(max(split.y.max() for split in splits.values())) + 1
+    return tuple(torch.from_numpy(splits[s].y).long().to(device) for s in ("train", "val")), (
+        n_classes
+    )
+
+
 def log_datasets(params: config.Params, splits: dict[str, data.Split]) -> None:
     """train and val as the run's dataset inputs: the UI's Dataset column and filter."""
     source = data.source_location(params.data)
@@ -67,9 +86,9 @@ def log_datasets(params: config.Params, splits: dict[str, data.Split]) -> None:
 # --- the model -------------------------------------------------------------------------------
 
 
-def build_model(params: config.Params, image_shape, device: torch.device) -> VAE:
+def build_model(params: config.Params, image_shape, device: torch.device, n_classes=0) -> VAE:
     """The VAE of the params, seeded; a model too large for memory is refused first."""
-    cfg = VAEConfig.from_params(image_shape, params.model)
+    cfg = VAEConfig.from_params(image_shape, params.model, n_classes)
     with torch.device("meta"):  # shapes only: counts the weights without allocating them
         n_weights = sum(p.numel() for p in VAE(cfg).parameters())
     limits.check_bytes(
@@ -90,14 +109,40 @@ def build_model(params: config.Params, image_shape, device: torch.device) -> VAE
 # --- the run: resume, logging, per-epoch pictures ---------------------------------------------
 
 
+# Not part of what a checkpoint must match: it resumes in 1 process or in N, on any node.
+NOT_FINGERPRINTED = (
+    "train.resume",
+    "train.nproc",
+    "train.nnodes",
+    "train.node_rank",
+    "train.rdzv_endpoint",
+)
+
+
+def code_digest() -> str:
+    """sha256 of this script and of every vaepipe module loaded: a checkpoint of other code
+    (a changed loss, model or loop) is not resumed."""
+    files = {"pipeline/train.py": __file__} | {
+        name: m.__file__
+        for name, m in sys.modules.items()
+        if name.split(".")[0] == "vaepipe" and getattr(m, "__file__", None)
+    }
+    h = hashlib.sha256()
+    for name in sorted(files):
+        with open(files[name], "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
 def fingerprint(params: config.Params, n_train: int) -> str:
-    """What a checkpoint must match to be resumed: every data/model/train param but resume."""
+    """What a checkpoint must match to be resumed: every data/model/train param but resume and
+    where the processes run, and the code."""
     keys = {
         k: v
         for k, v in config.flatten(params).items()
-        if k.split(".")[0] in ("data", "model", "train") and k != "train.resume"
+        if k.split(".")[0] in ("data", "model", "train") and k not in NOT_FINGERPRINTED
     }
-    blob = json.dumps({"params": keys, "n_train": n_train}, sort_keys=True)
+    blob = json.dumps({"params": keys, "n_train": n_train, "code": code_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -106,7 +151,7 @@ def resume_state(params: config.Params, fp: str) -> dict | None:
         return None
     state = checkpoint.load_state(paths.CHECKPOINT)
     if state["fingerprint"] != fp:
-        print(f"train: {paths.CHECKPOINT} was made with other params; starting afresh")
+        print(f"train: {paths.CHECKPOINT} was made with other params or code; starting afresh")
         return None
     print(
         f"train: resuming from {paths.CHECKPOINT} (epoch {state['epoch']}, batch {state['batch']})"
@@ -120,10 +165,14 @@ class EpochPictures:
     epochs and the last: the UI's image view steps through training. Decoding uses mu, no
     random draw, so the training RNG (and an exact resume) is untouched."""
 
-    def __init__(self, vae: VAE, x_val: torch.Tensor, cfg: config.TrainConfig):
+    def __init__(self, vae: VAE, x_val: torch.Tensor, cfg: config.TrainConfig, y_val=None):
         gen = torch.Generator(device=x_val.device).manual_seed(cfg.seed)
         self.z = torch.randn((SAMPLES, vae.cfg.latent_dim), generator=gen, device=x_val.device)
         self.x = x_val[:RECONSTRUCTIONS]
+        # a conditional model: sample rows by label (0, 1, ...), validation images their own
+        n = max(vae.cfg.n_classes, 1)
+        self.y_z = torch.arange(SAMPLES, device=x_val.device) // (SAMPLES // 8) % n
+        self.y_x = None if y_val is None else y_val[:RECONSTRUCTIONS]
         self.vae, self.every, self.last = vae, cfg.image_every, cfg.epochs
         self.seconds = 0.0
 
@@ -133,8 +182,9 @@ class EpochPictures:
             return
         t0 = time.perf_counter()
         vae = self.vae
-        samples = vae.mean(vae.decode(self.z)).cpu().numpy()
-        recon = vae.mean(vae.decode(vae.encode(self.x)[0])).cpu().numpy()
+        y_z, y_x = (self.y_z, self.y_x) if vae.cfg.conditional else (None, None)
+        samples = vae.mean(vae.decode(self.z, y_z)).cpu().numpy()
+        recon = vae.mean(vae.decode(vae.encode(self.x, y_x)[0], y_x)).cpu().numpy()
         pairs = imagefiles.interleave_rows(self.x.cpu().numpy(), recon)
         for key, images in (("samples", samples), ("reconstructions", pairs)):
             grid = imagefiles.to_uint8(imagefiles.grid(images, 8, imagefiles.GRID_PAD))
@@ -210,9 +260,30 @@ def write_outputs(params, vae, history, run_id, device, splits) -> EpochStats:
 @exit_on_user_error
 def main() -> None:
     params = config.load(paths.PARAMS)
-    # Under torchrun (WORLD_SIZE > 1): data-parallel, every rank trains, rank 0 writes.
-    with distributed.session(resolve_device(params.train.device)) as (group, device):
-        train(params, group, device)
+    t = params.train
+    if distributed.requested_world(t) > 1 and not distributed.under_torchrun():
+        sys.exit(distributed.launch(t, __file__))  # torchrun runs this script again
+    distributed.check_world(t)
+    # Under torchrun (WORLD_SIZE > 1): data-parallel, every rank trains, the lead logs.
+    node_rank = t.node_rank if t.nnodes > 1 else None
+    try:
+        with distributed.session(resolve_device(t.device), node_rank) as (group, device):
+            train(params, group, device)
+    except ConfigError:
+        if int(os.environ.get("LOCAL_RANK", "0")):  # every process found the same mistake:
+            sys.exit(2)  # the first process of each machine says it
+        raise
+
+
+def saver(fp: str, run_id: str):
+    """on_checkpoint: the loop state, with what a resume checks and the run it continues."""
+
+    def on_checkpoint(loop_state: dict) -> None:
+        checkpoint.save_state(
+            paths.CHECKPOINT, {**loop_state, "fingerprint": fp, "run_id": run_id}
+        )
+
+    return on_checkpoint
 
 
 def fit_logged(args, state, fp: str, run_id: str, pictures: EpochPictures, group):
@@ -222,13 +293,24 @@ def fit_logged(args, state, fp: str, run_id: str, pictures: EpochPictures, group
         tracking.log_metrics(stats.metrics(), step=stats.epoch)
         pictures(stats.epoch)
 
+    save, saved = saver(fp, run_id), {"epoch": state["epoch"] if state else 0}
+
     def on_checkpoint(loop_state: dict) -> None:
-        checkpoint.save_state(
-            paths.CHECKPOINT, {**loop_state, "fingerprint": fp, "run_id": run_id}
-        )
+        save(loop_state)
+        saved["epoch"] = loop_state["epoch"]
 
     try:
-        return fit(*args, on_epoch_end, on_checkpoint, resume=state, group=group)
+        *data_args, labels = args
+        return fit(
+            *data_args, on_epoch_end, on_checkpoint, resume=state, group=group, labels=labels
+        )
+    except tracking.TrackingError as e:  # the store went away: the training did not
+        resumes = args[3].resume
+        then = "`dvc repro` continues it" if resumes else "set train.resume to continue it"
+        raise tracking.TrackingError(
+            f"{e}; training is saved up to epoch {saved['epoch']} in {paths.CHECKPOINT}: "
+            f"once the store answers, {then} in MLflow run {run_id}"
+        ) from None
     except TrainingDiverged as e:
         kept = (
             f"the last good checkpoint stays in {paths.CHECKPOINT}"
@@ -240,18 +322,45 @@ def fit_logged(args, state, fp: str, run_id: str, pictures: EpochPictures, group
         ) from None
 
 
+def check_same_everywhere(params, splits, group: distributed.Group) -> None:
+    """Every process trains on the same params and prepared data (each node reads its own
+    copy): otherwise the gradients they average would mean nothing."""
+    if group.enabled:
+        mine = {k: v for k, v in config.flatten(params).items() if k not in NOT_FINGERPRINTED}
+        mine["data_digest"] = {name: data.digest(split) for name, split in splits.items()}
+        node = params.train.node_rank if params.train.nnodes > 1 else group.node
+        distributed.check_same(mine, node, group)
+
+
+def follow(args, state, fp: str, group: distributed.Group, context) -> None:
+    """A process other than the lead: trains its slice; the first process of each machine
+    also writes that machine's checkpoint and outputs (the lead logs to MLflow)."""
+    params, device, splits = context
+    run_id = distributed.broadcast_object(None, group)  # once the lead has opened the run
+    save = saver(fp, run_id) if group.writes_node_outputs else None
+    *data_args, labels = args
+    history = fit(
+        *data_args, on_checkpoint=save, resume=state, progress=False, group=group, labels=labels
+    )
+    if group.writes_node_outputs:
+        write_outputs(params, args[0], history, run_id, device, splits)
+        print(f"train: node {params.train.node_rank} wrote its outputs (MLflow run {run_id})")
+
+
 def train(params: config.Params, group: distributed.Group, device: torch.device) -> None:
     threads = set_threads(params.train.threads)
     splits = load_data(params, device)
     x_train, x_val = to_tensor(splits["train"], device), to_tensor(splits["val"], device)
-    vae = build_model(params, tuple(x_train.shape[1:]), device)
+    labels, n_classes = labels_of(params, splits, device)
+    vae = build_model(params, tuple(x_train.shape[1:]), device, n_classes)
     fp = fingerprint(params, len(x_train))
+    check_same_everywhere(params, splits, group)
     state = distributed.broadcast_object(
         resume_state(params, fp) if group.is_main else None, group
     )
-    args = (vae, x_train, x_val, params.train, params.data.binarize)
-    if not group.is_main:  # no MLflow, checkpoints or outputs: rank 0 writes those
-        fit(*args, resume=state, progress=False, group=group)
+    args = (vae, x_train, x_val, params.train, params.data.binarize, labels)
+    if not group.is_main:
+        follow(args, state, fp, group, (params, device, splits))
         return
     ranks = f", {group.world_size} processes (torchrun)" if group.enabled else ""
     print(
@@ -259,8 +368,8 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
         f"{threads} threads{ranks}"
     )
     with open_run(params, state, device, group, splits) as run:
-        run_id = run.info.run_id
-        pictures = EpochPictures(vae, x_val, params.train)
+        run_id = distributed.broadcast_object(run.info.run_id, group)
+        pictures = EpochPictures(vae, x_val, params.train, labels and labels[1])
         t0 = time.perf_counter()
         history = fit_logged(args, state, fp, run_id, pictures, group)
         seconds = time.perf_counter() - t0

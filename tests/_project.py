@@ -79,10 +79,11 @@ def data_cfg(**overrides) -> config.DataConfig:
     return dataclasses.replace(params().data, **overrides)
 
 
-def vae_cfg(image_shape=(1, 8, 8), **overrides) -> VAEConfig:
+def vae_cfg(image_shape=(1, 8, 8), n_classes: int = 0, **overrides) -> VAEConfig:
     """params.yaml's model section (hidden, latent_dim, ... overridable) for images of
-    `image_shape`."""
-    return VAEConfig.from_params(image_shape, dataclasses.replace(params().model, **overrides))
+    `image_shape` (and n_classes labels, for a conditional model)."""
+    model = dataclasses.replace(params().model, **overrides)
+    return VAEConfig.from_params(image_shape, model, n_classes)
 
 
 # --- a project copy ----------------------------------------------------------------------------

@@ -44,8 +44,14 @@ def test_model_config_is_built_from_the_params_field_for_field():
     model = config.load(ROOT / "params.yaml").model
     cfg = VAEConfig.from_params((1, 28, 28), model)
     fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    assert fields == {"image_shape"} | {f.name for f in dataclasses.fields(config.ModelConfig)}
-    assert cfg.to_dict() == {"image_shape": [1, 28, 28], **dataclasses.asdict(model)}
+    # the data's image shape and number of classes, and the model params field for field
+    model_fields = {f.name for f in dataclasses.fields(config.ModelConfig)}
+    assert fields == {"image_shape", "n_classes"} | model_fields
+    assert cfg.to_dict() == {
+        "image_shape": [1, 28, 28],
+        "n_classes": 0,
+        **dataclasses.asdict(model),
+    }
 
 
 @pytest.mark.parametrize(

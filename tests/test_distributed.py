@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _project import clean_env, make_project, sh, train_cfg, vae_cfg
+from _project import clean_env, make_project, set_params, sh, train_cfg, vae_cfg
 
 from vaepipe import checkpoint, distributed
 from vaepipe.device import set_threads
@@ -155,11 +155,18 @@ def test_a_signal_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_proce
     assert_weights_close(resumed.state_dict(), one.state_dict())
 
 
-def test_pipeline_train_under_torchrun_logs_once_from_rank_0(tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun by hand", "train.nproc=2"])
+def test_pipeline_train_under_torchrun_logs_once_from_rank_0(tmp_path, launch):
     (tmp_path / "project").mkdir()
     repo = make_project(tmp_path / "project", **{"train.threads": 1, "train.resume": False})
     sh(repo, "dvc", "repro", "prepare")
-    torchrun(tmp_path, "pipeline/train.py", cwd=repo)
+    if launch == "torchrun by hand":
+        torchrun(tmp_path, "pipeline/train.py", cwd=repo)
+    else:  # the stage launches torchrun itself, and DVC tracks what it wrote
+        out = sh(repo, "dvc", "exp", "run", "-S", "train.nproc=2", "train").stdout
+        assert "launching torchrun: 2 process(es) on each of 1 machine(s)" in out
+        assert "up to date" in sh(repo, "dvc", "status", "train").stdout
+        set_params(repo, **{"train.nproc": 1})
     two, _ = checkpoint.load(repo / "models" / "vae.pt")
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     db = sqlite3.connect(repo / "mlruns" / "mlflow.db")
@@ -175,3 +182,19 @@ def test_pipeline_train_under_torchrun_logs_once_from_rank_0(tmp_path):
     sh(repo, "python", "pipeline/train.py")
     one, _ = checkpoint.load(repo / "models" / "vae.pt")
     assert_weights_close(two.state_dict(), one.state_dict())
+
+
+def test_a_mistake_found_by_every_process_is_one_line_and_the_stage_exits_2(tmp_path):
+    """The launching stage ends with its processes' status; the same error on every process
+    is said once per machine, without torchrun's traceback banner."""
+    (tmp_path / "project").mkdir()
+    repo = make_project(tmp_path / "project", **{"train.nproc": 2, "train.batch_size": 5000})
+    sh(repo, "dvc", "repro", "prepare")
+    proc = sh(repo, "python", "pipeline/train.py", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        "error: param 'train.batch_size' = 5000 is larger than the 1294 training examples"
+    ], out
+    assert "Traceback" not in out and "ChildFailedError" not in out

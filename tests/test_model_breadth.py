@@ -167,11 +167,11 @@ def test_conv_vae_learns():
 
 
 def _terms_from_eps(vae, x, eps, objective):
-    logits, z, mu, logvar = Step(vae)(x, eps)
+    s = Step(vae)(x, eps)
     cfg = vae.cfg
     if objective == "iwae":
-        return elbo.iwae_terms(x, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
-    return elbo.elbo_terms(x, logits, mu, logvar, cfg.likelihood, vae.sigma)
+        return elbo.iwae_terms(x, s.logits, s.z, s.mu, s.logvar, cfg.likelihood, vae.sigma)
+    return elbo.elbo_terms(x, s.logits, s.mu, s.logvar, cfg.likelihood, vae.sigma)
 
 
 def test_iwae_objective_with_one_sample_is_the_elbo_and_with_more_is_tighter(tiny_vae):

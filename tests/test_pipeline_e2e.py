@@ -76,10 +76,16 @@ def test_mlflow_run_holds_every_per_epoch_term(repo):
 
 
 def test_metrics_are_consistent(repo):
-    import json
-
     repo, _ = repo
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    # sample quality in the classifier stage's feature space, for N(0, I) and the codes' mixture
+    clf = json.loads((repo / "metrics/classifier.json").read_text())
+    assert (
+        0.5 < clf["test_accuracy"] <= 1
+        and ev["sample_quality"]["classifier_accuracy"] == clf["test_accuracy"]
+    )
+    assert ev["test/fid"] == ev["test/fid_standard"] > 0 and "test/fid_aggregate" in ev
+    assert 0 <= ev["test/precision"] <= 1 and 0 <= ev["test/recall"] <= 1
     assert ev["test/elbo"] == pytest.approx(-(ev["test/recon"] + ev["test/kl"]), abs=1e-3)
     assert ev["test/nll_iwae"] <= -ev["test/elbo"] + 1.0  # IWAE (k=8) is no looser than the ELBO
     ex = json.loads((repo / "metrics/export.json").read_text())

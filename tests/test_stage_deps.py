@@ -8,7 +8,7 @@ import pytest
 import yaml
 from _project import ROOT
 
-STAGES = ("prepare", "train", "evaluate", "export")
+STAGES = ("prepare", "train", "classifier", "evaluate", "export")
 # What no stage may import: editing the CLI, the served model or `vaepipe runs` retrains nothing.
 OUTSIDE_THE_PIPELINE = (
     "src/vaepipe/cli.py",

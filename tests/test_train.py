@@ -85,11 +85,11 @@ def test_resume_after_interrupt_reaches_identical_weights(binarization, options)
 
     original_fwd = Step.forward
 
-    def counting_forward(self, xb, eps):
+    def counting_forward(self, xb, eps, y=None):
         calls["n"] += 1
         if calls["n"] == target:
             os.kill(os.getpid(), signal.SIGINT)  # taken by the loop at the next safe point
-        return original_fwd(self, xb, eps)
+        return original_fwd(self, xb, eps, y)
 
     interrupted = fresh()
     Step.forward = counting_forward

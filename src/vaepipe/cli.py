@@ -75,6 +75,31 @@ def _latent_dim(sess: runtime.Session) -> int:
     return shape[1]
 
 
+def _labels(sess: runtime.Session, n: int, label: int | None, arrays: dict | None = None) -> dict:
+    """{"y": one-hot [n, n_classes]} for a conditional model's graph (input `y`), from --label
+    or the labels `y` of the input file; {} for an unconditional one."""
+    inputs = {i.name: i for i in sess.session.get_inputs()}
+    if "y" not in inputs:
+        if label is not None:
+            raise VaepipeError(f"--label {label}: {sess.path} is not conditional (no input y)")
+        return {}
+    classes = inputs["y"].shape[1]
+    if label is not None:
+        y = np.full(n, label)
+    elif arrays is not None and "y" in arrays:
+        y = np.asarray(arrays["y"])
+    else:
+        raise VaepipeError(
+            f"{sess.path} is conditional: pass --label L (0..{classes - 1}) or labels y in "
+            "the file"
+        )
+    if y.shape != (n,) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
+        raise DataError(
+            f"labels must be {n} integers in 0..{classes - 1}, got {y.dtype} {y.shape}"
+        )
+    return {"y": np.eye(classes, dtype=np.float32)[y]}
+
+
 def _check_decoded(what: str, rows: int, sess: runtime.Session, out: Path, cols: int) -> None:
     """Before decoding: `rows` latents and their images fit in memory, and in a PNG grid."""
     image = [d if isinstance(d, int) else 1 for d in sess.session.get_outputs()[0].shape[1:]]
@@ -93,10 +118,22 @@ def cmd_generate(args) -> str:
     cols = args.cols or int(np.ceil(np.sqrt(args.n)))
     _check_decoded("--n", args.n, sess, out, cols)
     rng = np.random.default_rng(args.seed)
-    z = args.temperature * rng.standard_normal((args.n, _latent_dim(sess)), dtype=np.float32)
-    x = sess.run_batched(z, args.batch_size)[sess.output_names[0]]
+    eps = args.temperature * rng.standard_normal((args.n, _latent_dim(sess)), dtype=np.float32)
+    u = rng.random(args.n, dtype=np.float32)
+    prior = Path(args.prior) if args.prior else Path(args.model).with_name("prior.onnx")
+    if args.prior != "none" and prior.is_file():  # the learned prior, as the model was trained
+        prior_sess = runtime.open_session(prior, args.provider)
+        z = prior_sess.run({"eps": eps, "u": u})[0]
+        kind = prior_sess.metadata().get("prior", "?")
+    elif args.prior not in (None, "none"):
+        raise VaepipeError(f"--prior {args.prior} does not exist")
+    else:
+        z, kind = eps, "standard (N(0, I))"
+    extra = _labels(sess, args.n, args.label)
+    x = sess.run_batched(z, args.batch_size, extra)[sess.output_names[0]]
     imagefiles.save_images(out, x, cols, {"z": z})
-    return f"{args.n} samples (seed {args.seed}) -> {out}"
+    given = f", label {args.label}" if args.label is not None else ""
+    return f"{args.n} samples (seed {args.seed}{given}) of the {kind} prior -> {out}"
 
 
 def _images(sess: runtime.Session, src: Path) -> tuple[np.ndarray, dict]:
@@ -116,7 +153,7 @@ def cmd_encode(args) -> str:
     sess = _open(args)
     src = Path(args.input)
     x, extra = _images(sess, src)
-    res = sess.run_batched(x, args.batch_size)
+    res = sess.run_batched(x, args.batch_size, _labels(sess, len(x), args.label, extra))
     imagefiles.write_file(out, {**res, **extra})
     return f"{len(x)} images from {src} -> {out} ({', '.join(res)})"
 
@@ -125,11 +162,12 @@ def cmd_decode(args) -> str:
     out = _check_out(args.out, (".png", ".npz"))
     sess = _open(args)
     keys = (args.key,) if args.key else ("z", "mu")
-    key, z, _ = imagefiles.load_npz(Path(args.latents), keys)
+    key, z, arrays = imagefiles.load_npz(Path(args.latents), keys)
     z = sess.check(z)
     cols = args.cols or int(np.ceil(np.sqrt(len(z))))
     _check_decoded(f"the latents in {args.latents}", len(z), sess, out, cols)
-    x = sess.run_batched(z, args.batch_size)[sess.output_names[0]]
+    extra = _labels(sess, len(z), args.label, arrays)
+    x = sess.run_batched(z, args.batch_size, extra)[sess.output_names[0]]
     imagefiles.save_images(out, x, cols, {"z": z})
     return f"{len(z)} latents ('{key}' of {args.latents}) -> {out}"
 
@@ -167,7 +205,8 @@ def cmd_interpolate(args) -> str:
         ends = [(p[0], p[1]) for p in e]
     path = np.stack([_path_between(a, b, args.steps, args.method) for a, b in ends])
     z_all = path.reshape(-1, dim).astype(np.float32)
-    x = sess.run_batched(z_all, args.batch_size)[sess.output_names[0]]
+    extra = _labels(sess, len(z_all), args.label)
+    x = sess.run_batched(z_all, args.batch_size, extra)[sess.output_names[0]]
     imagefiles.save_images(out, x, args.steps, {"z": path.astype(np.float32)})
     return f"{len(ends)} x {args.steps} {args.method} path(s) -> {out}"
 
@@ -250,7 +289,7 @@ def cmd_score(args) -> str:
     src = Path(args.input)
     x, extra = _images(sess, src)
     shape = x.shape[1:]
-    nll = sess.run_batched(x, args.batch_size)["nll"]
+    nll = sess.run_batched(x, args.batch_size, _labels(sess, len(x), args.label, extra))["nll"]
     imagefiles.write_file(out, {"nll": nll, **extra})
     meta = sess.metadata()
     bits = nll / (math.prod(shape) * math.log(2))
@@ -321,12 +360,23 @@ def _common(p: argparse.ArgumentParser, model: str, precision: bool = True) -> N
     p.add_argument(
         "--batch-size", type=_positive, default=4096, help="rows per onnxruntime call (4096)"
     )
+    p.add_argument(
+        "--label",
+        type=int,
+        help="a conditional model's class for every row (encode, decode and score also read "
+        "labels y from the input .npz)",
+    )
 
 
 def _add_model_commands(sub) -> None:
     """generate, encode, decode, interpolate: the exported graphs at work."""
-    p = sub.add_parser("generate", help="sample z ~ N(0, I) and decode it")
+    p = sub.add_parser("generate", help="sample z from the prior and decode it")
     _common(p, DECODER)
+    p.add_argument(
+        "--prior",
+        help="prior.onnx mapping (eps, u) to z (default: prior.onnx beside --model when present, "
+        "which the export stage writes: the learned prior; 'none': z ~ N(0, I))",
+    )
     p.add_argument("--n", type=_positive, default=64, help="number of samples (64)")
     p.add_argument("--seed", type=int, default=0, help="seed of z (0)")
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="std of z (1.0)")
@@ -350,14 +400,6 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--out", required=True, help="grid.png or images.npz (z, x_mean)")
     p.set_defaults(fn=cmd_decode)
 
-    p = sub.add_parser("score", help="images -> NLL in nats (the likelihood score)")
-    p.add_argument("input", help="images.npz (x, uint8 or [0,1]) or a folder of PNGs")
-    _common(p, str(paths.SCORER), precision=False)
-    # each image costs scorer_k decoder passes: 64 images are ~6,400 rows a call at k = 100
-    p.set_defaults(batch_size=64)
-    p.add_argument("--out", required=True, help="scores.npz (nll, and y or names)")
-    p.set_defaults(fn=cmd_score)
-
     p = sub.add_parser("interpolate", help="decode paths between latent points")
     _common(p, DECODER)
     p.add_argument("--steps", type=_positive, default=10, help="points per path (10)")
@@ -373,7 +415,16 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_inspection_commands(sub) -> None:
-    """info, runs, site: what the models are, how the runs compare, a page to explore them."""
+    """score, info, runs, promote, site: how likely images are, what the models are, how the
+    runs compare, which model serves, a page to explore them."""
+    p = sub.add_parser("score", help="images -> NLL in nats (the likelihood score)")
+    p.add_argument("input", help="images.npz (x, uint8 or [0,1]) or a folder of PNGs")
+    _common(p, str(paths.SCORER), precision=False)
+    # each image costs scorer_k decoder passes: 64 images are ~6,400 rows a call at k = 100
+    p.set_defaults(batch_size=64)
+    p.add_argument("--out", required=True, help="scores.npz (nll, and y or names)")
+    p.set_defaults(fn=cmd_score)
+
     p = sub.add_parser("info", help="providers, and each model's inputs, opset and metadata")
     p.add_argument(
         "models", nargs="*", help=f"ONNX files (default: {ENCODER} and {DECODER} if present)"

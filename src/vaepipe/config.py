@@ -21,7 +21,8 @@ from vaepipe.errors import ConfigError
 DATASETS = ("fashion-mnist", "mnist", "digits", "npz")
 BINARIZE = ("dynamic", "static", "none")
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
-ARCHS = ("mlp", "conv")
+ARCHS = ("mlp", "conv", "hvae")
+PRIORS = ("standard", "vamp", "mog")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,6 +70,10 @@ class ModelConfig:
     gaussian_sigma: float = field(metadata=_range(0, lo_open=True))
     learn_sigma: bool = field(metadata={})
     min_sigma: float = field(metadata=_range(0, lo_open=True))
+    prior: str = field(metadata=_choice(*PRIORS))
+    prior_components: int = field(metadata=_range(1, 10_000))
+    z1_dim: int = field(metadata=_range(1, MAX_WIDTH))
+    conditional: bool = field(metadata={})
 
 
 @dataclass
@@ -112,6 +117,15 @@ class EvaluateConfig:
     knn_k: int = field(metadata=_range(1))
     traversal_dims: int = field(metadata=_range(1))
     ood_n: int = field(metadata=_range(1))
+    fid_n: int = field(metadata=_range(2))
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = field(metadata=_range(1))
+    batch_size: int = field(metadata=_range(1))
+    lr: float = field(metadata=_range(0, lo_open=True))
+    seed: int = field(metadata=SEED)
 
 
 @dataclass
@@ -145,6 +159,7 @@ class Params:
     model: ModelConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    classifier: ClassifierConfig
     export: ExportConfig
     mlflow: MlflowConfig
 
@@ -154,6 +169,7 @@ SECTIONS = {
     "model": ModelConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "classifier": ClassifierConfig,
     "export": ExportConfig,
     "mlflow": MlflowConfig,
 }
@@ -295,6 +311,38 @@ def _check_model(p: Params) -> None:
         raise ConfigError(
             "param 'model.channels' must list at least one width for 'model.arch' = 'conv'"
         )
+    if m.arch == "hvae" and not m.hidden:
+        raise ConfigError(
+            "param 'model.hidden' must list at least one width for 'model.arch' = 'hvae' (the "
+            "layer between z1 and z2 has the last one)"
+        )
+    if m.prior != "standard" and p.train.free_bits > 0:
+        raise ConfigError(
+            f"param 'train.free_bits' = {p.train.free_bits} needs the per-dim KL of "
+            f"'model.prior' = 'standard'; the {m.prior} prior's KL is a single-sample estimate "
+            "with no per-dim split; set free_bits to 0"
+        )
+    _check_options(p)
+
+
+def _check_options(p: Params) -> None:
+    """The model options of issue 17 against each other and the training objective."""
+    m = p.model
+    if m.conditional and m.arch == "conv":
+        raise ConfigError(
+            "param 'model.conditional' = true is not supported with 'model.arch' = 'conv' "
+            "(the label joins the dense layers of mlp and hvae); use arch mlp or hvae"
+        )
+    if m.conditional and m.prior == "vamp":
+        raise ConfigError(
+            "param 'model.conditional' = true does not fit 'model.prior' = 'vamp': its "
+            "pseudo-inputs would need labels too; use prior standard or mog"
+        )
+    if m.arch == "hvae" and p.train.free_bits > 0:
+        raise ConfigError(
+            f"param 'train.free_bits' = {p.train.free_bits} does not apply to 'model.arch' = "
+            "'hvae' (its KL has no closed-form per-dim split); set free_bits to 0"
+        )
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -339,7 +387,7 @@ def _check_launch(t: TrainConfig) -> None:
         if not m or not 1 <= int(m["port"]) <= 65535:
             raise ConfigError(
                 f"param 'train.rdzv_endpoint' = {_show(t.rdzv_endpoint)} must be 'host:port' "
-                "with a port in 1..65535 (e.g. 10.0.0.1:29500), or \"\" for one machine"
+                'with a port in 1..65535 (e.g. 10.0.0.1:29500), or "" for one machine'
             )
 
 

@@ -146,6 +146,31 @@ def iwae_terms(
     )
 
 
+def sample_terms(
+    x: torch.Tensor,
+    s,
+    likelihood: str,
+    sigma: float | torch.Tensor = 0.1,
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    iwae: bool = False,
+) -> ElboTerms:
+    """The terms of a model.LatentSample (one sample [B], or K samples [K, B] for the IWAE
+    objective). With the N(0, I) prior and one layer the KL is the closed form (elbo_terms,
+    iwae_terms); otherwise it is the single-sample estimate log q(z|x) - log p(z), and
+    kl_per_dim, a diagnostic, is the top posterior's per-dim KL against N(0, I)."""
+    if s.log_q is None:
+        if iwae:
+            return iwae_terms(x, s.logits, s.z, s.mu, s.logvar, likelihood, sigma)
+        return elbo_terms(x, s.logits, s.mu, s.logvar, likelihood, sigma, beta, free_bits)
+    log_px_z = -recon_nll(x, s.logits, likelihood, sigma)  # [..., B]
+    kl_sample = s.log_q - s.log_p  # [..., B]
+    recon, kl = -log_px_z.mean(), kl_sample.mean()
+    kl_d = kl_per_dim(s.top_mu, s.top_logvar).reshape(-1, s.top_mu.shape[-1]).mean(0)
+    loss = -iwae_bound(log_px_z - kl_sample).mean() if iwae else recon + beta * kl
+    return ElboTerms(recon=recon, kl=kl, kl_per_dim=kl_d, elbo=-(recon + kl), loss=loss)
+
+
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mu, diag(exp(logvar))) summed over the last dim."""
     return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + LOG_2PI).sum(-1)

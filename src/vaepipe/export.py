@@ -1,9 +1,12 @@
-"""ONNX export of encoder, decoder and scorer per the contract (ARCHITECTURE.md), with parity.
+"""ONNX export of encoder, decoder, scorer and prior sampler per the contract (ARCHITECTURE.md),
+with parity.
 
 encoder.onnx: x float32 [batch, C, H, W] in [0, 1] -> mu, logvar float32 [batch, latent_dim]
 decoder.onnx: z float32 [batch, latent_dim] -> x_mean float32 [batch, C, H, W]
 scorer.onnx:  x float32 [batch, C, H, W] in [0, 1] -> nll float32 [batch], nats: the IWAE
               estimate of -log p(x) with k samples whose noise is a constant of the graph
+prior.onnx:   eps float32 [batch, latent_dim] ~ N(0, I), u float32 [batch] ~ U[0, 1) -> z
+              float32 [batch, latent_dim] ~ p(z) (eps itself for the N(0, I) prior)
 Batch axis dynamic; no random op inside; opset pinned; metadata_props describe the model.
 """
 
@@ -21,7 +24,7 @@ from torch import nn
 from vaepipe.errors import VaepipeError
 from vaepipe.fileio import atomic_path
 from vaepipe.metrics import iwae_weights_of
-from vaepipe.model import VAE, DecoderMean
+from vaepipe.model import VAE, DecoderMean, PriorSampler
 
 RANDOM_OPS = {
     "RandomNormal",
@@ -45,8 +48,8 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor):
-        return self.vae.encode(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        return self.vae.encode(x, y)
 
 
 class ScorerGraph(nn.Module):
@@ -58,22 +61,25 @@ class ScorerGraph(nn.Module):
         self.vae = vae
         self.register_buffer("eps", eps.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -iwae_weights_of(self.vae, x, self.eps)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return -iwae_weights_of(self.vae, x, self.eps, y)
 
 
 def _export(
     module: nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple,
     path: Path,
     names,
     opset: int,
     metadata: dict[str, str],
 ) -> None:
+    """Export `module` (inputs named as its forward's arguments, all with a batch axis 0)."""
     import onnx
 
     module = module.eval()
-    in_name, out_names = names
+    in_names, out_names = names
+    in_names = (in_names,) if isinstance(in_names, str) else tuple(in_names)
+    examples = example if isinstance(example, tuple) else (example,)
     batch = torch.export.Dim("batch", min=1)
     # The exporter warns about torchvision ops it cannot register; we use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -81,12 +87,12 @@ def _export(
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
-            (example,),
-            input_names=[in_name],
+            examples,
+            input_names=list(in_names),
             output_names=list(out_names),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes={in_name: {0: batch}},
+            dynamic_shapes={name: {0: batch} for name in in_names},
             external_data=False,
             verbose=False,
         )
@@ -122,22 +128,35 @@ def export_models(
         "latent_dim": cfg.latent_dim,
         "image_shape": ",".join(map(str, cfg.image_shape)),
         "likelihood": cfg.likelihood,
+        "arch": cfg.arch,
+        "prior": cfg.prior,
+        "n_classes": cfg.n_classes,
         "opset": opset,
         "precision": "fp32",
         **metadata,
     }
+    # a conditional model's graphs also take y, one-hot float32 labels [batch, n_classes]
+    y = (torch.eye(cfg.n_classes)[[0, 1 % cfg.n_classes]],) if cfg.conditional else ()
+    with_y = ("y",) if cfg.conditional else ()
+    images = (torch.rand(2, *cfg.image_shape), *y)
     graphs = {
-        "encoder": (EncoderGraph(vae), torch.rand(2, *cfg.image_shape), ("x", ("mu", "logvar"))),
-        "decoder": (DecoderMean(vae), torch.randn(2, cfg.latent_dim), ("z", ("x_mean",))),
+        "encoder": (EncoderGraph(vae), images, (("x", *with_y), ("mu", "logvar"))),
+        "decoder": (
+            DecoderMean(vae),
+            (torch.randn(2, cfg.latent_dim), *y),
+            (("z", *with_y), ("x_mean",)),
+        ),
     }
     extra: dict[str, dict] = {"encoder": {}, "decoder": {}}
     if scorer_eps is not None:
-        graphs["scorer"] = (
-            ScorerGraph(vae, scorer_eps),
-            torch.rand(2, *cfg.image_shape),
-            ("x", ("nll",)),
-        )
+        graphs["scorer"] = (ScorerGraph(vae, scorer_eps), images, (("x", *with_y), ("nll",)))
         extra["scorer"] = {"scorer_k": len(scorer_eps), "scorer_seed": scorer_seed}
+    graphs["prior"] = (
+        PriorSampler(vae),
+        (torch.randn(2, cfg.latent_dim), torch.rand(2)),
+        (("eps", "u"), ("z",)),
+    )
+    extra["prior"] = {"prior": cfg.prior, "prior_components": cfg.prior_components}
     paths = {}
     for name, (module, example, names) in graphs.items():
         paths[name] = out_dir / f"{name}.onnx"
@@ -153,6 +172,7 @@ def parity(
     seed: int = 0,
     scorer_sess=None,
     scorer_eps: torch.Tensor | None = None,
+    prior_sess=None,
 ) -> dict[str, float]:
     """Max abs difference between onnxruntime and PyTorch outputs at batch 1 and 257.
 
@@ -165,20 +185,47 @@ def parity(
     for b in PARITY_BATCHES:
         x = torch.rand((b, *vae.cfg.image_shape), generator=gen)
         z = torch.randn((b, vae.cfg.latent_dim), generator=gen)
+        y = _labels(vae, b, gen)
+        feed_y = {} if y is None else {"y": y.numpy()}
         if encoder_sess is not None:
-            mu, logvar = vae.encode(x)
-            o_mu, o_logvar = encoder_sess.run({"x": x.numpy()})
+            mu, logvar = vae.encode(x, y)
+            o_mu, o_logvar = encoder_sess.run({"x": x.numpy(), **feed_y})
             errs[f"encoder_b{b}"] = float(
                 max(np.abs(o_mu - mu.numpy()).max(), np.abs(o_logvar - logvar.numpy()).max())
             )
         if decoder_sess is not None:
-            (o_x,) = decoder_sess.run({"z": z.numpy()})
-            errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z)).numpy()).max())
+            (o_x,) = decoder_sess.run({"z": z.numpy(), **feed_y})
+            errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z, y)).numpy()).max())
         if scorer_sess is not None:
-            (o_nll,) = scorer_sess.run({"x": x.numpy()})
-            nll = -iwae_weights_of(vae, x, scorer_eps).numpy()
+            (o_nll,) = scorer_sess.run({"x": x.numpy(), **feed_y})
+            nll = -iwae_weights_of(vae, x, scorer_eps, y).numpy()
             errs[f"scorer_b{b}"] = float(np.abs(o_nll - nll).max())
+        if prior_sess is not None:
+            u = torch.rand(b, generator=gen)
+            (o_z,) = prior_sess.run({"eps": z.numpy(), "u": u.numpy()})
+            errs[f"prior_b{b}"] = float(np.abs(o_z - vae.sample_prior(z, u).numpy()).max())
     return errs
+
+
+def parity_of(vae: VAE, sessions: dict, scorer_eps: torch.Tensor | None = None) -> dict:
+    """parity() of every graph in `sessions` ({"encoder": session, "decoder": ..., "scorer":
+    ..., "prior": ...}, any subset)."""
+    return parity(
+        vae,
+        sessions.get("encoder"),
+        sessions.get("decoder"),
+        scorer_sess=sessions.get("scorer"),
+        scorer_eps=scorer_eps,
+        prior_sess=sessions.get("prior"),
+    )
+
+
+def _labels(vae: VAE, b: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Random one-hot labels [b, n_classes] for a conditional model's parity, else None."""
+    if not vae.cfg.conditional:
+        return None
+    n = vae.cfg.n_classes
+    return torch.eye(n)[torch.randint(0, n, (b,), generator=gen)]
 
 
 def _with_metadata(model, **extra: str):

@@ -132,9 +132,10 @@ def project_2d(mu: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
 
 
 @torch.no_grad()
-def decode_mean(vae: VAE, z: torch.Tensor) -> np.ndarray:
-    """E[x | z] for z [M, D] as [M, C, H, W] numpy images."""
-    return vae.mean(vae.decode(z)).cpu().numpy()
+def decode_mean(vae: VAE, z: torch.Tensor, y=None) -> np.ndarray:
+    """E[x | z] (given labels y [M] for a conditional model) for z [M, D] as [M, C, H, W]
+    numpy images."""
+    return vae.mean(vae.decode(z, y)).cpu().numpy()
 
 
 def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
@@ -166,15 +167,18 @@ def pick_pairs(y: np.ndarray | None, n: int, n_pairs: int, seed: int) -> list[tu
 
 
 def interpolation_images(
-    vae: VAE, grey: torch.Tensor, pairs: list[tuple[int, int]], steps: int
+    vae: VAE, grey: torch.Tensor, pairs: list[tuple[int, int]], steps: int, y=None
 ) -> np.ndarray:
     """Per pair one row: image a, the decoded codes from mu(a) to mu(b), image b:
-    [len(pairs) * (steps + 2), C, H, W]."""
+    [len(pairs) * (steps + 2), C, H, W]. A conditional model decodes the path with a's label."""
+    ends_idx = [i for pair in pairs for i in pair]
+    labels = None if y is None else y[ends_idx]
     with torch.no_grad():
-        mu, _ = vae.encode(grey[[i for pair in pairs for i in pair]])  # [2P, D]
+        mu, _ = vae.encode(grey[ends_idx], labels)  # [2P, D]
     rows = []
     for p, (a, b) in enumerate(pairs):
         z = interpolation_codes(mu[2 * p], mu[2 * p + 1], steps)  # [S, D]
         ends = grey[[a, b]].cpu().numpy()
-        rows += [ends[:1], decode_mean(vae, z), ends[1:]]
+        path_y = None if labels is None else labels[2 * p].repeat(steps)
+        rows += [ends[:1], decode_mean(vae, z, path_y), ends[1:]]
     return np.concatenate(rows)

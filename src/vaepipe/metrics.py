@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vaepipe.elbo import LOG_2PI, elbo_terms, iwae_bound, iwae_log_weights
+from vaepipe.elbo import LOG_2PI, iwae_bound, iwae_log_weights, sample_terms
 from vaepipe.model import VAE
 
 # Rows the decoder sees per tensor op in the IWAE loop (K samples x B examples), per device. On
@@ -26,7 +26,7 @@ MIXTURE_ROWS_PER_CHUNK = 256
 
 @torch.no_grad()
 def evaluate_elbo(
-    vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int = 0
+    vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int = 0, y=None
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Single-sample ELBO terms over `x` with a fixed eps seed: ({recon, kl, elbo}, kl_per_dim)."""
     was_training = vae.training
@@ -36,11 +36,9 @@ def evaluate_elbo(
     sums = torch.zeros(3, device=x.device, dtype=torch.float64)
     kl_d = torch.zeros(cfg.latent_dim, device=x.device, dtype=torch.float64)
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        mu, logvar = vae.encode(xb)
-        eps = torch.randn(mu.shape, generator=gen, device=mu.device)
-        logits = vae.decode(vae.reparameterize(mu, logvar, eps))
-        t = elbo_terms(xb, logits, mu, logvar, cfg.likelihood, vae.sigma)
+        xb, yb = x[i : i + batch_size], _rows(y, i, batch_size)
+        eps = torch.randn((len(xb), vae.noise_dim), generator=gen, device=x.device)
+        t = sample_terms(xb, vae.sample(xb, eps, yb), cfg.likelihood, vae.sigma)
         n = len(xb)
         sums += n * torch.stack([t.recon, t.kl, t.elbo]).double()
         kl_d += n * t.kl_per_dim.double()
@@ -49,23 +47,31 @@ def evaluate_elbo(
     return {"recon": recon, "kl": kl, "elbo": elbo}, (kl_d / len(x)).float()
 
 
-def iwae_weights_of(vae: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The IWAE estimate of log p(x) per example for the noise `eps` ([K, B, D], or [K, D]
-    shared by every example): [B] (nats). The one computation behind the evaluate stage's
-    likelihood and scorer.onnx (export.ScorerGraph), so the two agree for the same noise."""
+def _rows(y, start: int, size: int):
+    """Labels of a chunk (None for an unconditional model)."""
+    return None if y is None else y[start : start + size]
+
+
+def iwae_weights_of(vae: VAE, x: torch.Tensor, eps: torch.Tensor, y=None) -> torch.Tensor:
+    """The IWAE estimate of log p(x) per example for the noise `eps` ([K, B, E], or [K, E]
+    shared by every example; E = vae.noise_dim): [B] (nats). The one computation behind the
+    evaluate stage's likelihood and scorer.onnx (export.ScorerGraph), so the two agree for the
+    same noise."""
     cfg = vae.cfg
-    mu, logvar = vae.encode(x)  # [B, D]
     if eps.dim() == 2:
-        eps = eps[:, None, :]  # [K, 1, D]: the same K draws for every example
-    z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, D]
-    logits = vae.decode(z)  # [K, B, C, H, W]
-    return iwae_bound(iwae_log_weights(x, logits, z, mu, logvar, cfg.likelihood, vae.sigma))
+        eps = eps[:, None, :]  # [K, 1, E]: the same K draws for every example
+    s = vae.sample(x, eps, y)  # logits [K, B, C, H, W]
+    if s.log_q is None:  # one layer, N(0, I) prior
+        log_w = iwae_log_weights(x, s.logits, s.z, s.mu, s.logvar, cfg.likelihood, vae.sigma)
+    else:
+        log_w = -vae.recon_nll(x, s.logits) + s.log_p - s.log_q
+    return iwae_bound(log_w)
 
 
-def fixed_noise(k: int, latent_dim: int, seed: int) -> torch.Tensor:
-    """The [k, latent_dim] standard-normal noise the scorer uses for every image: a constant
+def fixed_noise(k: int, noise_dim: int, seed: int) -> torch.Tensor:
+    """The [k, noise_dim] standard-normal noise the scorer uses for every image: a constant
     of scorer.onnx, drawn from a seeded CPU generator so it is the same on every machine."""
-    return torch.randn((k, latent_dim), generator=torch.Generator().manual_seed(seed))
+    return torch.randn((k, noise_dim), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -76,6 +82,7 @@ def iwae_log_likelihood(
     seed: int = 0,
     rows_per_chunk: int | None = None,
     eps: torch.Tensor | None = None,
+    y=None,
 ) -> torch.Tensor:
     """Per-example IWAE estimate of log p(x) with k importance samples: [N] (nats).
 
@@ -92,20 +99,23 @@ def iwae_log_likelihood(
     for i in range(0, len(x), chunk):
         xb = x[i : i + chunk]
         if eps is None:
-            noise = torch.randn((k, len(xb), vae.cfg.latent_dim), generator=gen, device=x.device)
+            noise = torch.randn((k, len(xb), vae.noise_dim), generator=gen, device=x.device)
         else:
             noise = eps.to(x.device)
-        out[i : i + chunk] = iwae_weights_of(vae, xb, noise)
+        out[i : i + chunk] = iwae_weights_of(vae, xb, noise, _rows(y, i, chunk))
     return out
 
 
 @torch.no_grad()
 def encode_all(
-    vae: VAE, x: torch.Tensor, batch_size: int = 1000
+    vae: VAE, x: torch.Tensor, batch_size: int = 1000, y=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q(z|x) parameters for every example: (mu, logvar), each [N, D]."""
     vae.eval()
-    parts = [vae.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    parts = [
+        vae.encode(x[i : i + batch_size], _rows(y, i, batch_size))
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -123,7 +133,7 @@ class Reconstruction:
 
 @torch.no_grad()
 def reconstruct(
-    vae: VAE, x: torch.Tensor, x_grey: torch.Tensor, batch_size: int = 1000
+    vae: VAE, x: torch.Tensor, x_grey: torch.Tensor, batch_size: int = 1000, y=None
 ) -> Reconstruction:
     """Per-example reconstruction at the posterior mean (no sampling noise in the figures).
 
@@ -133,9 +143,10 @@ def reconstruct(
     vae.eval()
     nll, mse = [], []
     for i in range(0, len(x), batch_size):
-        xb, gb = x[i : i + batch_size], x_grey[i : i + batch_size]
-        nll.append(vae.recon_nll(xb, vae.decode(vae.encode(xb)[0])))
-        mse.append((vae.mean(vae.decode(vae.encode(gb)[0])) - gb).pow(2).flatten(1).mean(1))
+        xb, gb, yb = x[i : i + batch_size], x_grey[i : i + batch_size], _rows(y, i, batch_size)
+        nll.append(vae.recon_nll(xb, vae.decode(vae.encode(xb, yb)[0], yb)))
+        recon = vae.mean(vae.decode(vae.encode(gb, yb)[0], yb))
+        mse.append((recon - gb).pow(2).flatten(1).mean(1))
     mse_all = torch.cat(mse)
     # An exact reconstruction has infinite PSNR; clamp so means and plots stay finite (100 dB).
     psnr_all = 10.0 * torch.log10(1.0 / mse_all.clamp_min(1e-10))
@@ -189,7 +200,7 @@ def _log_mixture_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
 
 
 def posterior_information(
-    mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0
+    mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0, log_prior=None
 ) -> dict[str, float]:
     """Monte Carlo estimates, in nats, from one z_n ~ q(z|x_n) per example:
 
@@ -207,7 +218,12 @@ def posterior_information(
     z = (mu + torch.exp(0.5 * logvar) * eps).double()  # [N, D]
     log_q_z_x = -0.5 * (eps.double().pow(2) + logvar.double() + LOG_2PI).sum(1)  # [N]
     log_q_z = _log_mixture_density(z, mu, logvar)  # [N]
-    log_p_z = -0.5 * (z.pow(2) + LOG_2PI).sum(1)  # [N]
+    # log p(z): N(0, I), or the model's learned prior (`log_prior`, e.g. vae.prior.log_prob)
+    log_p_z = (
+        -0.5 * (z.pow(2) + LOG_2PI).sum(1)
+        if log_prior is None
+        else torch.cat([log_prior(c.float()).double() for c in z.split(MIXTURE_ROWS_PER_CHUNK)])
+    )  # [N]
     return {
         "mutual_info": (log_q_z_x - log_q_z).mean().item(),
         "aggregate_kl": (log_q_z - log_p_z).mean().item(),

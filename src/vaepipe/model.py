@@ -1,9 +1,13 @@
 """The VAE: q(z|x) = N(mu, diag(exp(logvar))), z = mu + sigma * eps, p(x|z) from the decoder.
 
-Two families, picked by `model.arch`: `mlp` (dense layers of widths `hidden`) and `conv`
+Three families, picked by `model.arch`: `mlp` (dense layers of widths `hidden`), `conv`
 (stride-2 convolutions of widths `channels`, each halving H and W, then dense layers `hidden`;
-the decoder mirrors it with transposed convolutions). Only the model lives here; the loss is in
-elbo.py, the loop in train.py.
+the decoder mirrors it with transposed convolutions), and `hvae`, the two-stochastic-layer MLP
+of Burda et al. (2016): q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), z2 the top layer of
+`latent_dim` dims and z1 of `z1_dim`. The prior p(z) of the top layer is `model.prior`:
+N(0, I), a VampPrior (Tomczak & Welling 2018: a mixture of the posteriors of K learned
+pseudo-inputs) or a learned mixture of K Gaussians (vaepipe.priors). Only the model lives here;
+the loss is in elbo.py, the loop in train.py.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from vaepipe import elbo
+from vaepipe import elbo, priors
 
 
 @dataclass
@@ -31,11 +35,18 @@ class VAEConfig:
     channels: list[int]  # conv widths (arch conv)
     learn_sigma: bool  # gaussian: one learned std per pixel instead of gaussian_sigma
     min_sigma: float  # gaussian with learn_sigma: the std never goes below this
+    prior: str  # standard | vamp | mog: p(z) of the top layer
+    prior_components: int  # vamp: pseudo-inputs; mog: mixture components
+    z1_dim: int  # arch hvae: dims of the lower stochastic layer z1
+    conditional: bool  # encoder and decoder also take the label y (one-hot)
+    n_classes: int = 0  # labels of the data (conditional); 0 when unconditional
 
     @classmethod
-    def from_params(cls, image_shape, model) -> VAEConfig:
-        """From the data's image shape and a config.ModelConfig (same field names)."""
-        return cls(image_shape=tuple(image_shape), **asdict(model))
+    def from_params(cls, image_shape, model, n_classes: int = 0) -> VAEConfig:
+        """From the data's image shape (and number of classes) and a config.ModelConfig (the
+        same field names)."""
+        n = n_classes if model.conditional else 0
+        return cls(image_shape=tuple(image_shape), **asdict(model), n_classes=n)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,7 +63,17 @@ class VAEConfig:
 
 
 # The meaning of keys absent from the model files of format 1 written before they existed.
-LEGACY_MODEL_KEYS = {"arch": "mlp", "channels": [], "learn_sigma": False, "min_sigma": 0.0}
+LEGACY_MODEL_KEYS = {
+    "arch": "mlp",
+    "channels": [],
+    "learn_sigma": False,
+    "min_sigma": 0.0,
+    "prior": "standard",
+    "prior_components": 1,
+    "z1_dim": 0,
+    "conditional": False,
+    "n_classes": 0,
+}
 
 
 def _mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
@@ -73,32 +94,49 @@ def conv_sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
     return sizes
 
 
+def _first_latent(cfg: VAEConfig) -> int:
+    """Dims of the layer the image encoder outputs: z1 for hvae, z otherwise."""
+    return cfg.z1_dim if cfg.arch == "hvae" else cfg.latent_dim
+
+
 class Encoder(nn.Module):
+    """x -> (mu, logvar) of q(z|x); for hvae of q(z1|x)."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         c, h, w = cfg.image_shape
+        out = 2 * _first_latent(cfg)
         if cfg.arch == "conv":
             layers: list[nn.Module] = []
             for a, b in zip([c, *cfg.channels[:-1]], cfg.channels, strict=True):
                 layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU()]
             fh, fw = conv_sizes(h, w, len(cfg.channels))[-1]
             n_feat = cfg.channels[-1] * fh * fw
-            layers += [nn.Flatten(), _mlp([n_feat, *cfg.hidden, 2 * cfg.latent_dim])]
+            layers += [nn.Flatten(), _mlp([n_feat, *cfg.hidden, out])]
             self.net = nn.Sequential(*layers)
         else:
-            self.net = _mlp([c * h * w, *cfg.hidden, 2 * cfg.latent_dim])
+            self.net = _mlp([c * h * w + cfg.n_classes, *cfg.hidden, out])
         self.flat = cfg.arch != "conv"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.net(x.flatten(1) if self.flat else x).chunk(2, dim=1)  # [B, D] each
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y: one-hot labels [B, n_classes] of a conditional model, concatenated to x."""
+        h = x.flatten(1) if self.flat else x
+        if y is not None:
+            h = torch.cat([h, y], dim=1)
+        mu, logvar = self.net(h).chunk(2, dim=1)  # [B, D] each
         return mu, logvar
 
 
 class Decoder(nn.Module):
+    """z -> logits of p(x|z); for hvae z1 -> logits of p(x|z1)."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.image_shape = tuple(cfg.image_shape)
         c, h, w = cfg.image_shape
+        first = _first_latent(cfg)
         if cfg.arch == "conv":
             sizes = conv_sizes(h, w, len(cfg.channels))
             fh, fw = sizes[-1]
@@ -117,12 +155,31 @@ class Decoder(nn.Module):
                     layers.append(nn.ReLU())
             self.net = nn.Sequential(*layers)
         else:
-            self.net = _mlp([cfg.latent_dim, *reversed(cfg.hidden), c * h * w])
+            self.net = _mlp([first + cfg.n_classes, *reversed(cfg.hidden), c * h * w])
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits (natural parameters) of the likelihood, [..., C, H, W] for z [..., D]."""
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (natural parameters) of the likelihood, [..., C, H, W] for z [..., D] (and
+        one-hot labels y [B, n_classes] of a conditional model, broadcast over z's leading
+        sample dims)."""
+        if y is not None:
+            z = torch.cat([z, y.expand(*z.shape[:-1], y.shape[-1])], dim=-1)
         out = self.net(z.reshape(-1, z.shape[-1]))
         return out.reshape(*z.shape[:-1], *self.image_shape)
+
+
+@dataclass
+class LatentSample:
+    """One pass through the model with given noise: what the ELBO and IWAE need. Leading dims
+    [..., B] follow the noise ([B] or [K, B])."""
+
+    logits: torch.Tensor  # [..., B, C, H, W] of p(x | z) (hvae: of p(x | z1))
+    z: torch.Tensor  # [..., B, D] the top-layer sample
+    mu: torch.Tensor  # [B, D1] q's first layer (q(z|x); hvae: q(z1|x)), for the closed-form KL
+    logvar: torch.Tensor  # [B, D1]
+    log_q: torch.Tensor | None  # [..., B] log q(all latents | x); None: the closed form applies
+    log_p: torch.Tensor | None  # [..., B] log p(all latents)
+    top_mu: torch.Tensor  # [..., B, D] the top layer's posterior (= mu but for hvae: q(z2|z1))
+    top_logvar: torch.Tensor
 
 
 class VAE(nn.Module):
@@ -131,6 +188,13 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        if cfg.arch == "hvae":  # q(z2|z1) and p(z1|z2): one hidden layer of the last width
+            width = cfg.hidden[-1]
+            self.up = _mlp([cfg.z1_dim, width, 2 * cfg.latent_dim])
+            self.down = _mlp([cfg.latent_dim, width, 2 * cfg.z1_dim])
+        self.prior = priors.make_prior(
+            cfg.prior, cfg.latent_dim, cfg.prior_components, cfg.image_shape, self.encode
+        )
         if cfg.likelihood == "gaussian" and cfg.learn_sigma:
             # sigma = min_sigma + softplus(raw), one per pixel, starting at gaussian_sigma
             start = max(cfg.gaussian_sigma - cfg.min_sigma, 1e-6)
@@ -144,12 +208,38 @@ class VAE(nn.Module):
             return self.cfg.min_sigma + nn.functional.softplus(self.raw_sigma)
         return self.cfg.gaussian_sigma
 
+    @property
+    def noise_dim(self) -> int:
+        """Standard-normal draws one sample of all latents takes (hvae: z1's, then z2's)."""
+        return self.cfg.latent_dim + (self.cfg.z1_dim if self.cfg.arch == "hvae" else 0)
+
+    @property
+    def closed_form_kl(self) -> bool:
+        """KL(q(z|x) || p(z)) in closed form: one layer and the N(0, I) prior."""
+        return self.cfg.arch != "hvae" and self.cfg.prior == "standard"
+
     def recon_nll(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """-log p(x|z) per example in nats, summed over pixels."""
         return elbo.recon_nll(x, logits, self.cfg.likelihood, self.sigma)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(x)
+    def onehot(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Labels [B] (ints) or one-hot [B, n_classes] as the one-hot a conditional model
+        takes; None for an unconditional one (which takes no label)."""
+        if not self.cfg.conditional:
+            return None
+        if y is None:
+            raise ValueError("a conditional model needs the labels y")
+        if y.dim() == 2:
+            return y.float()
+        return nn.functional.one_hot(y.long(), self.cfg.n_classes).float()
+
+    def encode(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of the top layer's posterior; for hvae q(z2 | z1 = mu1(x)), through
+        the mean of z1 (what encoder.onnx exports and the latent pictures use)."""
+        mu, logvar = self.encoder(x, self.onehot(y))
+        if self.cfg.arch == "hvae":
+            mu, logvar = self.up(mu).chunk(2, dim=-1)
+        return mu, logvar
 
     @staticmethod
     def reparameterize(
@@ -160,18 +250,57 @@ class VAE(nn.Module):
             eps = torch.randn_like(std)
         return mu + std * eps
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder logits; `mean(decode(z))` is E[x|z]."""
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """Decoder logits of a top-layer z; `mean(decode(z))` is E[x|z] (for hvae E[x | z1]
+        at z1 = the mean of p(z1|z2): what decoder.onnx exports)."""
+        if self.cfg.arch == "hvae":
+            z = self.down(z).chunk(2, dim=-1)[0]
+        return self.decoder(z, self.onehot(y))
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         """E[x|z] under the likelihood (for continuous Bernoulli that is not sigmoid(logits))."""
         return elbo.likelihood_mean(logits, self.cfg.likelihood)
 
-    def forward(self, x: torch.Tensor):
-        mu, logvar = self.encode(x)
+    def sample(self, x: torch.Tensor, eps: torch.Tensor, y=None) -> LatentSample:
+        """All latents of x drawn with the noise eps [B, E] or [K, B, E] (E = noise_dim); y:
+        the labels of a conditional model."""
+        y = self.onehot(y)
+        mu, logvar = self.encoder(x, y)  # [B, D1]
+        if self.cfg.arch != "hvae":
+            z = mu + torch.exp(0.5 * logvar) * eps
+            logits = self.decoder(z, y)
+            if self.closed_form_kl:
+                return LatentSample(logits, z, mu, logvar, None, None, mu, logvar)
+            log_q, log_p = priors.log_normal(z, mu, logvar), self.prior.log_prob(z)
+            return LatentSample(logits, z, mu, logvar, log_q, log_p, mu, logvar)
+        d1 = self.cfg.z1_dim
+        z1 = mu + torch.exp(0.5 * logvar) * eps[..., :d1]
+        mu2, logvar2 = self.up(z1).chunk(2, dim=-1)
+        z2 = mu2 + torch.exp(0.5 * logvar2) * eps[..., d1:]
+        mu1p, logvar1p = self.down(z2).chunk(2, dim=-1)
+        log_q = priors.log_normal(z1, mu, logvar) + priors.log_normal(z2, mu2, logvar2)
+        log_p = priors.log_normal(z1, mu1p, logvar1p) + self.prior.log_prob(z2)
+        return LatentSample(self.decoder(z1, y), z2, mu, logvar, log_q, log_p, mu2, logvar2)
+
+    def sample_prior(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """A top-layer z from p(z) for noise eps [B, D] and uniforms u [B]."""
+        return self.prior.sample(eps, u)
+
+    def forward(self, x: torch.Tensor, y=None):
+        mu, logvar = self.encode(x, y)
         z = self.reparameterize(mu, logvar)
-        return self.decode(z), mu, logvar
+        return self.decode(z, y), mu, logvar
+
+
+class PriorSampler(nn.Module):
+    """(eps [B, D], u [B]) -> z [B, D] from p(z): the graph exported as prior.onnx."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.vae.sample_prior(eps, u)
 
 
 class DecoderMean(nn.Module):
@@ -181,5 +310,5 @@ class DecoderMean(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.mean(self.vae.decode(z))
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vae.mean(self.vae.decode(z, y))

@@ -74,21 +74,25 @@ def auroc(nll_in: np.ndarray, nll_out: np.ndarray) -> float:
 
 
 def separation(
-    vae, x: torch.Tensor, eps: torch.Tensor, dataset: str, seed: int
+    vae, x: torch.Tensor, eps: torch.Tensor, dataset: str, seed: int, y=None
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """The scorer's NLL (fixed noise `eps`, as scorer.onnx computes it) on grey test images x,
     on their corruptions and on another dataset: ({set: {nll_mean, auroc}}, {set: why skipped}).
-    The AUROC of each set is against the test images' NLLs."""
+    The AUROC of each set is against the test images' NLLs. y: the labels of a conditional
+    model's images (a corrupted image keeps its label; another dataset has none of them)."""
     from vaepipe.metrics import iwae_log_likelihood
 
     def nll(images: torch.Tensor) -> np.ndarray:
-        return -iwae_log_likelihood(vae, images, len(eps), eps=eps).double().cpu().numpy()
+        scores = iwae_log_likelihood(vae, images, len(eps), eps=eps, y=y)
+        return -scores.double().cpu().numpy()
 
     base = nll(x)
     sets = corruptions(x, seed)
     name, other = other_dataset(tuple(x.shape[1:]), dataset, len(x), seed)
     skipped = {}
-    if name is None:
+    if y is not None:
+        skipped["other dataset"] = "a conditional model scores an image given its own label"
+    elif name is None:
         skipped["other dataset"] = other
     else:
         sets[name] = torch.from_numpy(other).to(x.device)

@@ -76,8 +76,30 @@ class Session:
             max_batch=max_batch,
         )
 
-    def run_batched(self, x: np.ndarray, batch_size: int = 4096) -> dict[str, np.ndarray]:
-        """All outputs for the batch `x`, in chunks of `batch_size` rows, with IO binding.
+    def _output_buffers(self, n: int) -> dict:
+        """name -> (a device buffer for n rows of the output, its dtype, bytes per row)."""
+        import onnxruntime as ort
+
+        outs = {}
+        for o in self.session.get_outputs():
+            if not all(isinstance(d, int) for d in o.shape[1:]):
+                raise InferenceInputError(f"{self.path.name}: output {o.name} has dynamic dims")
+            dtype = NP_TYPES[o.type]
+            outs[o.name] = (
+                ort.OrtValue.ortvalue_from_shape_and_type(
+                    (n, *o.shape[1:]), dtype, self.device, 0
+                ),
+                dtype,
+                int(np.prod(o.shape[1:])) * np.dtype(dtype).itemsize,  # bytes per row
+            )
+        return outs
+
+    def run_batched(
+        self, x: np.ndarray, batch_size: int = 4096, extra: dict | None = None
+    ) -> dict[str, np.ndarray]:
+        """All outputs for the batch `x` (the first input; `extra`: the other inputs by name,
+        same rows, e.g. a conditional model's one-hot labels y), in chunks of `batch_size`
+        rows, with IO binding.
 
         The whole input is copied to the session's device once, each chunk's outputs are written
         in place into one preallocated device buffer (no per-chunk allocation or host copy), and
@@ -87,31 +109,25 @@ class Session:
 
         n = x.shape[0]
         device = self.device
-        in_type = NP_TYPES[self.session.get_inputs()[0].type]
-        x = np.ascontiguousarray(x, dtype=in_type)
-        x_dev = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
-        outs = {}
-        for o in self.session.get_outputs():
-            if not all(isinstance(d, int) for d in o.shape[1:]):
-                raise InferenceInputError(f"{self.path.name}: output {o.name} has dynamic dims")
-            dtype = NP_TYPES[o.type]
-            outs[o.name] = (
-                ort.OrtValue.ortvalue_from_shape_and_type((n, *o.shape[1:]), dtype, device, 0),
+        inputs = {}  # name -> (device copy, dtype, bytes per row, row shape)
+        for i, (name, arr) in enumerate({self.input_name: x, **(extra or {})}.items()):
+            dtype = NP_TYPES[self.session.get_inputs()[i].type]
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            row = int(np.prod(arr.shape[1:])) * arr.itemsize
+            inputs[name] = (
+                ort.OrtValue.ortvalue_from_numpy(arr, device, 0),
                 dtype,
-                int(np.prod(o.shape[1:])) * np.dtype(dtype).itemsize,  # bytes per row
+                row,
+                arr.shape[1:],
             )
-        in_row = int(np.prod(x.shape[1:])) * x.itemsize
+        outs = self._output_buffers(n)
         binding = self.session.io_binding()
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
-            binding.bind_input(
-                self.input_name,
-                device,
-                0,
-                in_type,
-                [rows, *x.shape[1:]],
-                x_dev.data_ptr() + start * in_row,
-            )
+            for name, (buf, dtype, row_bytes, shape) in inputs.items():
+                binding.bind_input(
+                    name, device, 0, dtype, [rows, *shape], buf.data_ptr() + start * row_bytes
+                )
             for name, (buf, dtype, row_bytes) in outs.items():
                 shape = [rows, *buf.shape()[1:]]
                 binding.bind_output(

@@ -70,13 +70,34 @@ class OnnxVaeModel:
         name = self.session.input_name
         if isinstance(data, dict):
             if name not in data:
+                takes = [i.name for i in self.session.session.get_inputs()]
                 raise runtime.InferenceInputError(
-                    f"payload names inputs {sorted(data)}; this model takes one input '{name}'"
+                    f"payload names inputs {sorted(data)}; this model takes {takes}"
                 )
             data = data[name]
         elif hasattr(data, "to_numpy"):  # a pandas DataFrame from dataframe_split/records
             data = data.to_numpy()
         return data
+
+    def _labels(self, data, rows: int) -> dict:
+        """A conditional model's second input: one-hot labels y [rows, n_classes]."""
+        inputs = self.session.session.get_inputs()
+        if len(inputs) == 1:
+            return {}
+        y = inputs[1]
+        if not isinstance(data, dict) or y.name not in data:
+            raise runtime.InferenceInputError(
+                f"this model is conditional: send {{'{inputs[0].name}': [...], '{y.name}': "
+                f"[one-hot labels, {y.shape[1]} per row]}}"
+            )
+        labels = runtime.check_batch(
+            data[y.name], y.name, (None, y.shape[1]), where="the model", value_range=(0, 1)
+        )
+        if len(labels) != rows:
+            raise runtime.InferenceInputError(
+                f"input '{y.name}' has {len(labels)} rows; '{inputs[0].name}' has {rows}"
+            )
+        return {y.name: labels}
 
     def predict(self, data, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         try:
@@ -86,7 +107,8 @@ class OnnxVaeModel:
                 max_batch=self.config["max_batch"],
             )
             s = self.session
-            outputs = dict(zip(s.output_names, s.run({s.input_name: x}), strict=True))
+            feeds = {s.input_name: x, **self._labels(data, len(x))}
+            outputs = dict(zip(s.output_names, s.run(feeds), strict=True))
             for name, out in outputs.items():
                 if not np.isfinite(out).all():
                     raise runtime.InferenceInputError(

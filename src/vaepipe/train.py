@@ -20,7 +20,7 @@ import torch
 from vaepipe import distributed, signals
 from vaepipe.config import TrainConfig
 from vaepipe.data import binarize
-from vaepipe.elbo import elbo_terms, iwae_terms
+from vaepipe.elbo import sample_terms
 from vaepipe.errors import VaepipeError
 from vaepipe.metrics import evaluate_elbo, iwae_log_likelihood
 from vaepipe.model import VAE
@@ -66,6 +66,8 @@ class _Loop:
         self.epoch = 0  # epochs completed
         self.batch = 0  # batches completed within the current epoch
         self.perm: torch.Tensor | None = None  # the current epoch's order
+        self.y_train: torch.Tensor | None = None  # labels of a conditional model [N]
+        self.y_val: torch.Tensor | None = None
         self.sums = torch.zeros(
             4, device=device, dtype=torch.float64
         )  # n * (loss, recon, kl, elbo)
@@ -171,11 +173,13 @@ def _train_epoch(loop: _Loop, x_train, cfg: TrainConfig, binarization: str, inte
     steps = math.ceil(n / bs)
     beta = kl_weight(cfg, loop.epoch * steps + loop.batch, steps)
     for i in range(loop.batch * bs, n, bs):
-        xb = x_train[loop.perm[i : i + bs]]
+        idx = loop.perm[i : i + bs]
+        xb = x_train[idx]
+        yb = None if loop.y_train is None else loop.y_train[idx]
         if binarization == "dynamic":
             xb = binarize(xb, loop.gen)
         beta = kl_weight(cfg, loop.epoch * steps + loop.batch, steps)
-        loss, check, stats = _forward(loop, xb, beta)
+        loss, check, stats = _forward(loop, xb, beta, yb)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         _check_finite(vae, check, loop.epoch + 1, loop.batch + 1)
@@ -188,7 +192,7 @@ def _train_epoch(loop: _Loop, x_train, cfg: TrainConfig, binarization: str, inte
     return (loop.sums / n).tolist(), beta
 
 
-def _forward(loop: _Loop, xb: torch.Tensor, beta: float):
+def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None = None):
     """One global batch: (loss to backpropagate, loss to check, n * (loss, recon, kl, elbo)).
 
     Under torchrun each rank takes its slice of the batch and of one global eps draw (the
@@ -196,21 +200,17 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float):
     """
     vae, group, cfg, tcfg = loop.vae, loop.group, loop.vae.cfg, loop.cfg
     iwae = tcfg.objective == "iwae"
-    shape = (tcfg.iwae_k, len(xb), cfg.latent_dim) if iwae else (len(xb), cfg.latent_dim)
+    shape = (tcfg.iwae_k, len(xb), vae.noise_dim) if iwae else (len(xb), vae.noise_dim)
     eps = torch.randn(shape, device=xb.device)
     x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
-    logits, z, mu, logvar = loop.model(x_local, distributed.local_slice(eps, group, dim=-2))
+    y_local = None if yb is None else distributed.local_slice(yb, group)
+    s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
         # 0, and a zero gradient for every weight (a learned sigma too, used outside forward)
-        zero = logits.sum() + mu.sum() + logvar.sum()
+        zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
         zero = zero + sum(0 * p.sum() for p in vae.parameters())
         return zero, zero, loop.sums.new_zeros(4)
-    if iwae:
-        t = iwae_terms(x_local, logits, z, mu, logvar, cfg.likelihood, vae.sigma)
-    else:
-        t = elbo_terms(
-            x_local, logits, mu, logvar, cfg.likelihood, vae.sigma, beta, tcfg.free_bits
-        )
+    t = sample_terms(x_local, s, cfg.likelihood, vae.sigma, beta, tcfg.free_bits, iwae)
     if not group.enabled:
         return t.loss, t.loss, len(xb) * _terms(t)
     # DDP averages the ranks' gradients; weighting each rank's batch mean by its share of the
@@ -246,16 +246,17 @@ def fit(
     resume: dict | None = None,
     progress: bool = True,
     group: distributed.Group = distributed.SINGLE,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[EpochStats]:
     """Train `vae` on float images in [0, 1] ([N, C, H, W], already on the training device).
 
     binarization: 'dynamic' draws new binary pixels each epoch, 'static' once, 'none' trains
     on the intensities. `resume`: a state from `on_checkpoint`, continued exactly. `group`: the
-    torchrun process group; every rank calls fit alike, with callbacks on rank 0 only.
+    torchrun group; every rank calls fit alike. labels: (train, val) [N] for a conditional model.
     """
     from tqdm.auto import tqdm
 
-    loop, x_train, x_val = _start(vae, x_train, x_val, cfg, binarization, resume, group)
+    loop, x_train, x_val = _start(vae, x_train, x_val, cfg, binarization, resume, group, labels)
     bar = tqdm(
         total=cfg.epochs, initial=loop.epoch, desc="train", unit="epoch", disable=not progress
     )
@@ -286,12 +287,17 @@ def fit(
     return loop.history
 
 
-def _start(vae, x_train, x_val, cfg: TrainConfig, binarization: str, resume, group):
+def _start(vae, x_train, x_val, cfg: TrainConfig, binarization: str, resume, group, labels):
     """The loop state (fresh, or `resume`d) and the data as the epochs see it: the validation
     set binarized once with a fixed draw, the training set too for static binarization."""
     device = x_train.device
+    if resume is None and hasattr(vae.prior, "init_from"):  # VampPrior: start at data
+        pick = torch.Generator().manual_seed(cfg.seed + 2)  # its own stream: no RNG drift
+        idx = torch.randperm(len(x_train), generator=pick)[: len(vae.prior.raw)]
+        vae.prior.init_from(x_train[idx.to(device)])
     torch.manual_seed(cfg.seed)
     loop = _Loop(vae, cfg, device, group)
+    loop.y_train, loop.y_val = labels or (None, None)
     val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     if binarization != "none":
         x_val = binarize(x_val, val_gen)  # fixed draw: val figures comparable across epochs
@@ -309,9 +315,9 @@ def _epoch(loop: _Loop, x_train, x_val, cfg: TrainConfig, binarization: str, int
         _set_lr(loop, cosine_lr(cfg, loop.epoch))
     lr = loop.opt.param_groups[0]["lr"]
     (loss, recon, kl, elbo), beta = _train_epoch(loop, x_train, cfg, binarization, interrupts)
-    val, kl_d = evaluate_elbo(loop.vae, x_val, seed=cfg.seed)
+    val, kl_d = evaluate_elbo(loop.vae, x_val, seed=cfg.seed, y=loop.y_val)
     if cfg.objective == "iwae":
-        log_px = iwae_log_likelihood(loop.vae, x_val, cfg.iwae_k, seed=cfg.seed)
+        log_px = iwae_log_likelihood(loop.vae, x_val, cfg.iwae_k, seed=cfg.seed, y=loop.y_val)
         val["iwae"] = log_px.mean().item()
     loop.epoch, loop.batch = loop.epoch + 1, 0
     _after_epoch(loop, cfg, val["iwae" if cfg.objective == "iwae" else "elbo"])

@@ -1,0 +1,116 @@
+"""Priors p(z) of the top latent layer: N(0, I), the VampPrior, a learned mixture of Gaussians.
+
+Each has log_prob(z) (nats, summed over the last dim, for z [..., D]) and sample(eps, u): a
+draw from the prior as a deterministic function of standard-normal noise eps [B, D] and
+uniforms u [B] (which component), so the exported prior.onnx has no random op and a caller
+draws the noise. The VampPrior (Tomczak & Welling 2018) is the mixture (1/K) sum_k
+q(z | u_k) of the encoder's posteriors at K learned pseudo-inputs u_k; the mixture of
+Gaussians has learned means, variances and weights. Both are what the ELBO's KL term is taken
+against, as a single-sample estimate log q(z|x) - log p(z) (no closed form).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over the last dim (broadcasting)."""
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+def mixture_log_prob(
+    z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor
+) -> torch.Tensor:
+    """log sum_k w_k N(z; mu_k, var_k) for z [..., D], components [K, D], log w [K]: [...].
+
+    Shifted by the max by hand (not torch.logsumexp): ONNX's ReduceLogSumExp underflows."""
+    comp = log_normal(z.unsqueeze(-2), mu, logvar) + log_weights  # [..., K]
+    top = comp.max(dim=-1, keepdim=True).values.detach()
+    return (top + torch.log(torch.exp(comp - top).sum(-1, keepdim=True))).squeeze(-1)
+
+
+def pick(u: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """The component index of each uniform u [B] in [0, 1) under weights exp(log_weights) [K]:
+    a one-hot [B, K] (searchsorted on the cumulative weights, written with comparisons so it
+    exports to ONNX)."""
+    cdf = torch.cumsum(torch.softmax(log_weights, dim=0), dim=0)  # [K]
+    below = (u[:, None] >= cdf[None, :]).to(u.dtype)  # [B, K]: components passed
+    index = below.sum(-1).clamp(max=len(cdf) - 1)  # [B]
+    return (index[:, None] == torch.arange(len(cdf), device=u.device)[None, :]).to(u.dtype)
+
+
+class StandardPrior(nn.Module):
+    """N(0, I): no parameters (model files without a prior load unchanged)."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+    def sample(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return eps + 0 * u[:, None]  # u unused, but an input of prior.onnx all the same
+
+
+class MogPrior(nn.Module):
+    """sum_k w_k N(mu_k, diag(var_k)), K components with learned means, log-variances and
+    weights (softmax of logits). Starts as N(0, I) spread: means N(0, 1), unit variances."""
+
+    def __init__(self, latent_dim: int, components: int):
+        super().__init__()
+        self.mu = nn.Parameter(torch.randn(components, latent_dim))
+        self.logvar = nn.Parameter(torch.zeros(components, latent_dim))
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return mixture_log_prob(z, self.mu, self.logvar, torch.log_softmax(self.logits, 0))
+
+    def sample(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        onehot = pick(u, self.logits)  # [B, K]
+        return onehot @ self.mu + torch.exp(0.5 * (onehot @ self.logvar)) * eps
+
+
+class VampPrior(nn.Module):
+    """(1/K) sum_k q(z | u_k): the encoder's posteriors at K learned pseudo-inputs u_k, images
+    kept in [0, 1] as the sigmoid of free parameters. `encode` is the model's encoder (x ->
+    mu, logvar of the top layer); it is passed in, not owned, so its weights are not copied."""
+
+    def __init__(self, latent_dim: int, components: int, image_shape, encode):
+        super().__init__()
+        # small noise around grey 0.5; vaepipe.train can set them to training images instead
+        self.raw = nn.Parameter(0.01 * torch.randn(components, *image_shape))
+        self._encode = [encode]  # a list: not registered as a submodule (no double weights)
+        self.register_buffer("log_w", torch.full((components,), -math.log(components)))
+
+    def init_from(self, images: torch.Tensor) -> None:
+        """Start the pseudo-inputs at K training images (Tomczak & Welling's better start)."""
+        with torch.no_grad():
+            p = images[: len(self.raw)].clamp(0.05, 0.95)
+            self.raw[: len(p)] = torch.log(p) - torch.log1p(-p)
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._encode[0](torch.sigmoid(self.raw))  # ([K, D], [K, D])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.components()
+        return mixture_log_prob(z, mu, logvar, self.log_w)
+
+    def sample(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.components()
+        onehot = pick(u, self.log_w)
+        return onehot @ mu + torch.exp(0.5 * (onehot @ logvar)) * eps
+
+
+def make_prior(kind: str, latent_dim: int, components: int, image_shape, encode) -> nn.Module:
+    if kind == "vamp":
+        return VampPrior(latent_dim, components, image_shape, encode)
+    if kind == "mog":
+        return MogPrior(latent_dim, components)
+    return StandardPrior(latent_dim)
