@@ -71,7 +71,7 @@ def test_graphs_take_one_hot_labels_and_match_pytorch(tmp_path, capsys):
     np.testing.assert_allclose(x, sessions["decoder"].run({"z": z, "y": y})[0], atol=1e-6)
     for argv, message in (
         (["generate", "--model", dec, "--out", str(out)], "is conditional: pass --label"),
-        (["generate", "--model", dec, "--label", "7", "--out", str(out)], "in 0..3"),
+        (["generate", "--model", dec, "--label", "7", "--out", str(out)], "it has 4 (0..3)"),
     ):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)

@@ -85,6 +85,11 @@ def _labels(sess: runtime.Session, n: int, label: int | None, arrays: dict | Non
         return {}
     classes = inputs["y"].shape[1]
     if label is not None:
+        if not 0 <= label < classes:
+            raise VaepipeError(
+                f"--label {label} is not a class of {sess.path}: "
+                f"it has {classes} (0..{classes - 1})"
+            )
         y = np.full(n, label)
     elif arrays is not None and "y" in arrays:
         y = np.asarray(arrays["y"])
@@ -94,8 +99,9 @@ def _labels(sess: runtime.Session, n: int, label: int | None, arrays: dict | Non
             "the file"
         )
     if y.shape != (n,) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
+        got = f"{y.dtype} {y.shape}" + (f", values {y.min()}..{y.max()}" if y.size else "")
         raise DataError(
-            f"labels must be {n} integers in 0..{classes - 1}, got {y.dtype} {y.shape}"
+            f"labels y of the file must be {n} integers in 0..{classes - 1}, got {got}"
         )
     return {"y": np.eye(classes, dtype=np.float32)[y]}
 
