@@ -166,11 +166,18 @@ def check_answer(port: int, body: bytes, rows: int) -> None:
         raise SystemExit(f"error: {got} predictions for {rows} rows")
 
 
-def latent_dim(model: str) -> int:
+def input_spec(model: str) -> tuple[str, list[int]]:
+    """The served model's input name and its dims after the batch axis (from its signature)."""
     import mlflow
 
     spec = mlflow.models.get_model_info(model).signature.inputs.to_dict()[0]
-    return int(spec["tensor-spec"]["shape"][-1])
+    return spec["name"], [int(d) for d in spec["tensor-spec"]["shape"][1:]]
+
+
+def request_body(name: str, dims: list[int], rows: int, rng) -> bytes:
+    """`rows` inputs: z from N(0, I) for a decoder, images in [0, 1] for encoder and scorer."""
+    draw = rng.standard_normal if name == "z" else rng.random
+    return json.dumps({"inputs": draw((rows, *dims)).round(4).tolist()}).encode()
 
 
 def this_runs_decoder(name: str = "vae-decoder") -> str:
@@ -191,17 +198,14 @@ def this_runs_decoder(name: str = "vae-decoder") -> str:
 
 
 def bench_serve(args) -> None:
-    width = args.latent_dim or latent_dim(args.model)
+    name, dims = input_spec(args.model)
     port = free_port()
     t0 = time.monotonic()
     rows_out, rss_rows = [], []
     with served(args.model, port, args.start_timeout) as proc:
         start_s = time.monotonic() - t0
         rng = np.random.default_rng(0)
-        bodies = {
-            rows: json.dumps({"inputs": rng.standard_normal((rows, width)).tolist()}).encode()
-            for rows in args.rows
-        }
+        bodies = {rows: request_body(name, dims, rows, rng) for rows in args.rows}
         for rows, body in bodies.items():  # warm-up (lazy imports), and the answer is right
             check_answer(port, body, rows)
         fire(port, bodies[args.rows[0]], 20, 1)
@@ -222,7 +226,7 @@ def bench_serve(args) -> None:
                     f"{percentile_ms(lat, 50):.1f}", f"{percentile_ms(lat, 99):.1f}",
                     f"{len(lat) / wall:.0f}", f"{rows * len(lat) / wall:,.0f}",
                 ])  # fmt: skip
-    print(f"\n`mlflow models serve -m {args.model}` (latent {width}), up in {start_s:.1f} s:\n")
+    print(f"\n`mlflow models serve -m {args.model}` ({name} {dims}), up in {start_s:.1f} s:\n")
     header = ["rows/request", "clients", "requests", "errors", "p50 ms", "p99 ms", "req/s"]
     print(table([*header, "rows/s"], rows_out))
     print()
@@ -300,10 +304,10 @@ def main() -> None:
     ap.add_argument("what", choices=("serve", "tracking", "all"))
     ap.add_argument(
         "--model",
-        help="model URI to serve (default: the vae-decoder version registered by the run of "
-        "metrics/train.json; never `latest`, which is whichever run finished last)",
+        help="model URI to serve, e.g. models:/vae-scorer@champion (default: the vae-decoder "
+        "version registered by the run of metrics/train.json; never `latest`, which is "
+        "whichever run finished last)",
     )
-    ap.add_argument("--latent-dim", type=int, help="request width (default: the signature's)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64], help="rows per request")
     ap.add_argument("--requests", type=int, default=500, help="requests per table row")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="client threads")

@@ -35,20 +35,35 @@ MODEL = config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
 MLP = VAEConfig.from_params((1, 28, 28), MODEL)  # params.yaml's: 784-512-256-32
 CONV = VAEConfig.from_params((1, 28, 28), dataclasses.replace(MODEL, arch="conv", hidden=[256]))
 CASES = [
-    ("mlp elbo", MLP, None),
-    ("mlp iwae k=5", MLP, 5),
-    ("mlp iwae k=50", MLP, 50),
-    ("conv elbo", CONV, None),
-    ("conv iwae k=5", CONV, 5),
+    ("mlp elbo", MLP, None, ""),
+    ("mlp iwae k=5", MLP, 5, ""),
+    ("mlp iwae k=50", MLP, 50, ""),
+    ("conv elbo", CONV, None, ""),
+    ("conv iwae k=5", CONV, 5, ""),
+]
+# Ways to make the conv step cheaper, timed beside the plain conv step (--conv-variants).
+CONV_VARIANTS = [
+    ("conv elbo channels_last", CONV, None, "channels_last"),
+    ("conv elbo compiled", CONV, None, "compile"),
+    ("conv iwae k=5 channels_last", CONV, 5, "channels_last"),
+    ("conv iwae k=5 compiled", CONV, 5, "compile"),
 ]
 
 
-def step_seconds(cfg: VAEConfig, k: int | None, steps: int, warmup: int = 3) -> float:
+def step_seconds(
+    cfg: VAEConfig, k: int | None, steps: int, variant: str = "", warmup: int = 3
+) -> float:
     torch.manual_seed(0)
     vae = VAE(cfg)
     step = Step(vae)
-    opt = torch.optim.Adam(vae.parameters(), foreach=True)
     x = torch.bernoulli(torch.rand(128, *cfg.image_shape))
+    if variant == "channels_last":
+        vae = vae.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif variant == "compile":
+        step = torch.compile(step)
+        warmup += 2  # the first calls compile
+    opt = torch.optim.Adam(vae.parameters(), foreach=True)
     shape = (k, 128, vae.noise_dim) if k else (128, vae.noise_dim)
     for i in range(warmup + steps):
         if i == warmup:
@@ -65,6 +80,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    ap.add_argument(
+        "--conv-variants",
+        action="store_true",
+        help="also time the conv step in channels_last memory format and under torch.compile",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -72,8 +92,8 @@ def main() -> None:
         f"{args.threads} threads, batch 128, {args.steps} steps a case"
     )
     base = None
-    for name, cfg, k in CASES:
-        s = step_seconds(cfg, k, args.steps)
+    for name, cfg, k, variant in CASES + (CONV_VARIANTS if args.conv_variants else []):
+        s = step_seconds(cfg, k, args.steps, variant)
         base = base or s
         print(
             f"{name:14s} {s * 1e3:7.1f} ms/step  {s * STEPS_PER_EPOCH:6.1f} s/epoch  "
