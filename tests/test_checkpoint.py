@@ -185,12 +185,12 @@ def test_a_second_ctrl_c_mid_step_never_saves_a_half_step(monkeypatch):
     calls = {"n": 0}
     forward = Step.forward
 
-    def twice_mid_forward(self, xb, eps):  # both signals land inside the 25th forward pass
+    def twice_mid_forward(self, xb, eps, y=None):  # both signals land inside the 25th forward pass
         calls["n"] += 1
         if calls["n"] == 25:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, xb, eps)
+        return forward(self, xb, eps, y)
 
     saved = []  # copies, as the files are: a state dict shares tensors with the live model
 
