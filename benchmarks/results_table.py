@@ -6,10 +6,14 @@ then print the table in Markdown:
 
     python benchmarks/results_table.py                 # every experiment of the HEAD commit
     python benchmarks/results_table.py --names mlp-elbo conv-elbo
+    python benchmarks/results_table.py --baseline mlp-elbo   # paired differences against it
 
 Each row names its experiment and the params it changes from params.yaml, so `dvc exp run`
 with those `-S` flags reproduces it. Training seconds come from the MLflow run (train_seconds;
-wall time is kept out of DVC outputs), with the machine's core count beside them.
+wall time is kept out of DVC outputs), with the machine's core count beside them. FID is the
+evaluate stage's `test/fid` (samples of the model's own prior). With --baseline, each row also
+gets its mean per-image NLL difference to that row on the same test images and the standard
+error of that paired difference (vaepipe.promotion, the gate of `vaepipe promote`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,28 @@ def experiments(names: list[str] | None) -> list[tuple[str, dict, dict, dict]]:
     return rows
 
 
+def paired_to(rows, baseline: str | None) -> dict[str, str]:
+    """{experiment: 'diff ± stderr'} against the baseline row, from the runs' per-image NLLs."""
+    if not baseline:
+        return {}
+    from vaepipe import promotion
+    from vaepipe.tracking import registry
+
+    def nll(train):
+        return promotion.per_image_nll(train.get("run_id", ""), registry.download)
+
+    tracking.setup_uri()  # the project's store (its artifacts hold the per-image NLLs)
+    base = next((train for name, _, train, _ in rows if name == baseline), None)
+    if base is None:
+        sys.exit(f"error: --baseline {baseline} is not one of the experiments shown")
+    ref = nll(base)
+    out = {}
+    for name, _, train, _ in rows:
+        p = promotion.paired_difference(nll(train), ref)
+        out[name] = "0" if name == baseline else f"{p.diff:+.2f} ± {p.stderr:.2f}"
+    return out
+
+
 def train_seconds(run_id: str) -> float | None:
     from mlflow.tracking import MlflowClient
 
@@ -88,11 +114,11 @@ def _value(v) -> str:
     return v if isinstance(v, str) else json.dumps(v).replace(" ", "")
 
 
-def table(rows) -> str:
+def table(rows, paired: dict[str, str]) -> str:
     lines = [
-        "| experiment | params (`-S`) | epochs (best) | train min | NLL (IWAE) | ELBO "
-        "| active | probe |",
-        "|---|---|---|---|---|---|---|---|",
+        "| experiment | params (`-S`) | epochs (best) | train min | NLL (IWAE) "
+        f"{'| vs baseline ' if paired else ''}| ELBO | active | probe | FID |",
+        f"|---|---|---|---|---|{'---|' if paired else ''}---|---|---|---|",
     ]
     for name, changed, train, ev in rows:
         shown = {k: v for k, v in changed.items() if not k.startswith("evaluate.")}
@@ -102,12 +128,14 @@ def table(rows) -> str:
             f"{ev['test/nll_iwae']:.2f} ± {ev['test/nll_iwae_stderr']:.2f} "
             f"(k={ev['iwae_k']}, n={ev.get('iwae_n', ev['n_test'])})"
         )
-        probe = ev.get("test/probe_accuracy")
+        probe, fid = ev.get("test/probe_accuracy"), ev.get("test/fid")
+        vs = f"| {paired[name]} " if paired else ""
         lines.append(
             f"| {name} | {flags or '(defaults)'} | {train.get('epochs')} "
             f"({train.get('best_epoch', train.get('epochs'))}) "
-            f"| {'' if secs is None else f'{secs / 60:.1f}'} | {nll} | {ev['test/elbo']:.2f} "
-            f"| {ev['test/active_units']} | {'' if probe is None else f'{probe:.3f}'} |"
+            f"| {'' if secs is None else f'{secs / 60:.1f}'} | {nll} {vs}| {ev['test/elbo']:.2f} "
+            f"| {ev['test/active_units']} | {'' if probe is None else f'{probe:.3f}'} "
+            f"| {'' if fid is None else f'{fid:.2f}'} |"
         )
     return "\n".join(lines)
 
@@ -115,12 +143,13 @@ def table(rows) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--names", nargs="*", help="experiments to show, in this order")
+    ap.add_argument("--baseline", help="experiment the paired NLL differences are taken against")
     args = ap.parse_args()
     rows = experiments(args.names)
     if not rows:
         sys.exit("error: no finished DVC experiment with metrics/evaluate.json on this commit")
     print(f"{os.cpu_count()} CPU cores; NLL in nats on the first n test images\n")
-    print(table(rows))
+    print(table(rows, paired_to(rows, args.baseline)))
 
 
 if __name__ == "__main__":
