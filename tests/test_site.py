@@ -22,9 +22,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _project import vae_cfg
 
 from vaepipe import elbo, export, metrics, site
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.model import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / site.RUNTIME_DIR
@@ -34,16 +35,9 @@ TIMEOUT = 30  # seconds for any one wait on the browser or the server
 
 
 def _vae(image_shape, latent_dim, hidden) -> VAE:
-    cfg = VAEConfig(
-        image_shape=image_shape,
-        latent_dim=latent_dim,
-        hidden=hidden,
-        likelihood="bernoulli",
-        gaussian_sigma=0.1,
-        arch="mlp",
-        channels=[],
-        learn_sigma=False,
-        min_sigma=0.01,
+    """An MLP VAE with a Bernoulli likelihood (params.yaml's options) of the given size."""
+    cfg = vae_cfg(
+        image_shape, latent_dim=latent_dim, hidden=hidden, arch="mlp", likelihood="bernoulli"
     )
     return VAE(cfg)
 
