@@ -82,3 +82,27 @@ def test_generate_draws_the_label_asked_for(repo, tmp_path):
     assert errors == ["error: --label 10 is not a class of models/decoder.onnx: it has 10 (0..9)"]
     assert "Traceback" not in text
     assert not (tmp_path / "b.npz").exists()
+
+
+def test_a_conditional_model_of_data_without_labels_is_one_line(tmp_path):
+    images = np.random.default_rng(0).random((300, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "unlabelled.npz", x=images)
+    repo = make_project(
+        tmp_path / "repo",
+        **{
+            "data.dataset": "npz",
+            "data.npz_path": str(tmp_path / "unlabelled.npz"),
+            "model.conditional": True,
+        },
+    )
+    r = subprocess.run(
+        ["dvc", "repro", "train"], cwd=repo, env=clean_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        "error: param 'model.conditional' is true but dataset 'npz' has no labels to condition on"
+    ], text
+    assert "Traceback" not in text and not (repo / "models/vae.pt").exists()
