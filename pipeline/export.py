@@ -106,19 +106,22 @@ def _contract_rows(vae, image: str, z: str) -> dict:
     }
 
 
+def example_inputs(cfg) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Two images, two z and (a conditional model's graphs take them too) {"y": one-hot}:
+    the input example logged with each model."""
+    rng = np.random.default_rng(0)
+    x = rng.random((2, *cfg.image_shape), dtype=np.float32)
+    z = rng.standard_normal((2, cfg.latent_dim), dtype=np.float32)
+    if not cfg.conditional:
+        return x, z, {}
+    return x, z, {"y": np.eye(cfg.n_classes, dtype=np.float32)[[0, 1 % cfg.n_classes]]}
+
+
 def log_models(vae, files: dict, sessions, params: config.Params, facts: dict) -> list[str]:
     """Log (and register) encoder, decoder and scorer to the active run, each with its version
     tags and model card; ['model vN', ...]."""
     ex, cfg = params.export, vae.cfg
-    rng = np.random.default_rng(0)
-    x = rng.random((2, *cfg.image_shape), dtype=np.float32)
-    z = rng.standard_normal((2, cfg.latent_dim), dtype=np.float32)
-    # a conditional model's graphs take one-hot labels y too
-    y = (
-        {"y": np.eye(cfg.n_classes, dtype=np.float32)[[0, 1 % cfg.n_classes]]}
-        if cfg.conditional
-        else {}
-    )
+    x, z, y = example_inputs(cfg)
     graphs = {
         "encoder": ({"x": x, **y}, [0.0, 1.0], ex.encoder_model, ex.serve_max_batch),
         "decoder": ({"z": z, **y}, None, ex.decoder_model, ex.serve_max_batch),
