@@ -62,9 +62,8 @@ def labels_of(params: config.Params, splits, device) -> tuple[tuple | None, int]
             "labels to condition on"
         )
     n_classes = int(max(split.y.max() for split in splits.values())) + 1
-    return tuple(torch.from_numpy(splits[s].y).long().to(device) for s in ("train", "val")), (
-        n_classes
-    )
+    labels = tuple(torch.from_numpy(splits[s].y).long().to(device) for s in ("train", "val"))
+    return labels, n_classes
 
 
 def log_datasets(params: config.Params, splits: dict[str, data.Split]) -> None:
@@ -286,7 +285,7 @@ def saver(fp: str, run_id: str):
     return on_checkpoint
 
 
-def fit_logged(args, state, fp: str, run_id: str, pictures: EpochPictures, group):
+def fit_logged(args, labels, state, fp: str, run_id: str, pictures: EpochPictures, group):
     """fit with each epoch logged (metrics, pictures) and checkpointed; the history."""
 
     def on_epoch_end(stats: EpochStats) -> None:
@@ -300,10 +299,7 @@ def fit_logged(args, state, fp: str, run_id: str, pictures: EpochPictures, group
         saved["epoch"] = loop_state["epoch"]
 
     try:
-        *data_args, labels = args
-        return fit(
-            *data_args, on_epoch_end, on_checkpoint, resume=state, group=group, labels=labels
-        )
+        return fit(*args, on_epoch_end, on_checkpoint, resume=state, group=group, labels=labels)
     except tracking.TrackingError as e:  # the store went away: the training did not
         resumes = args[3].resume
         then = "`dvc repro` continues it" if resumes else "set train.resume to continue it"
@@ -332,15 +328,14 @@ def check_same_everywhere(params, splits, group: distributed.Group) -> None:
         distributed.check_same(mine, node, group)
 
 
-def follow(args, state, fp: str, group: distributed.Group, context) -> None:
+def follow(args, labels, state, fp: str, group: distributed.Group, context) -> None:
     """A process other than the lead: trains its slice; the first process of each machine
     also writes that machine's checkpoint and outputs (the lead logs to MLflow)."""
     params, device, splits = context
     run_id = distributed.broadcast_object(None, group)  # once the lead has opened the run
     save = saver(fp, run_id) if group.writes_node_outputs else None
-    *data_args, labels = args
     history = fit(
-        *data_args, on_checkpoint=save, resume=state, progress=False, group=group, labels=labels
+        *args, on_checkpoint=save, resume=state, progress=False, group=group, labels=labels
     )
     if group.writes_node_outputs:
         write_outputs(params, args[0], history, run_id, device, splits)
@@ -358,9 +353,9 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
     state = distributed.broadcast_object(
         resume_state(params, fp) if group.is_main else None, group
     )
-    args = (vae, x_train, x_val, params.train, params.data.binarize, labels)
+    args = (vae, x_train, x_val, params.train, params.data.binarize)
     if not group.is_main:
-        follow(args, state, fp, group, (params, device, splits))
+        follow(args, labels, state, fp, group, (params, device, splits))
         return
     ranks = f", {group.world_size} processes (torchrun)" if group.enabled else ""
     print(
@@ -371,7 +366,7 @@ def train(params: config.Params, group: distributed.Group, device: torch.device)
         run_id = distributed.broadcast_object(run.info.run_id, group)
         pictures = EpochPictures(vae, x_val, params.train, labels and labels[1])
         t0 = time.perf_counter()
-        history = fit_logged(args, state, fp, run_id, pictures, group)
+        history = fit_logged(args, labels, state, fp, run_id, pictures, group)
         seconds = time.perf_counter() - t0
         best = write_outputs(params, vae, history, run_id, device, splits)
         run_figures = {"train_seconds": seconds, "epochs_run": history[-1].epoch}
