@@ -16,12 +16,9 @@ import math
 import torch
 from torch import nn
 
+from vaepipe.elbo import log_normal_diag as log_normal
+
 LOG_2PI = math.log(2 * math.pi)
-
-
-def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))) summed over the last dim (broadcasting)."""
-    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
 def mixture_log_prob(
