@@ -14,6 +14,11 @@
 Every step must really run on the GPU: a CUDA session that fell back to the CPU fails the
 check. The report (Markdown) names the GPU and the date. Without a GPU it ends with one line;
 --cpu runs the same steps on the CPU, to try this script itself.
+
+--core runs what needs no DVC or MLflow, for a bare GPU machine without them: the train
+stage's loop (vaepipe.train.fit) on CUDA, evaluate's IWAE NLL on CUDA, export's graphs and
+their parity on onnxruntime's CUDA provider, benchmarks/inference.py, and
+benchmarks/step_cost.py on CUDA (conv variants with bf16).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+FAILED = "FAILED:"
 
 
 def fail(message: str) -> None:
@@ -114,23 +122,57 @@ def step_serve(repo: Path, env: dict, tmp: Path, provider: str) -> dict:
     return {"status": status, "first_request_ms": ms, "loaded": loaded}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (try the script)")
-    ap.add_argument("--out", help="also write the report to this Markdown file")
-    args = ap.parse_args()
+def step_core(device: str, epochs: int = 3) -> dict:
+    """The train stage's loop, evaluate's IWAE NLL and export's parity, in this process."""
+    import dataclasses
+
     import torch
 
-    if not args.cpu and not torch.cuda.is_available():
-        fail(
-            f"torch {torch.__version__} sees no CUDA GPU here; run this on a machine with an "
-            "NVIDIA GPU (or --cpu to try the script)"
+    from vaepipe import config, data, export, metrics, runtime
+    from vaepipe.model import VAE, VAEConfig
+    from vaepipe.train import fit
+
+    params = config.load(ROOT / "params.yaml")
+    root = ROOT / "data" / "raw"
+    fashion = any(data._has_all(d) for d in data._candidate_dirs("fashion-mnist", root))
+    dataset = "fashion-mnist" if fashion else "digits"
+    cfg = dataclasses.replace(params.data, dataset=dataset, download=False, root=str(root))
+    x = {
+        name: torch.from_numpy(data.to_unit(split.x)).to(device)
+        for name, split in data.prepare_splits(cfg).items()
+    }
+    torch.manual_seed(params.train.seed)
+    vae = VAE(VAEConfig.from_params(tuple(x["train"].shape[1:]), params.model)).to(device)
+    train_cfg = dataclasses.replace(params.train, epochs=epochs)
+    history = fit(vae, x["train"], x["val"], train_cfg, params.data.binarize, progress=False)
+    vae.eval()
+    test = torch.bernoulli(x["test"][:1000], generator=torch.Generator(device).manual_seed(0))
+    t0 = time.perf_counter()
+    nll = -metrics.iwae_log_likelihood(vae, test, 500).mean().item()
+    nll_s = time.perf_counter() - t0
+    ex = params.export
+    eps = metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
+    policy = "cuda" if device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as d:
+        files = export.export_models(
+            vae, Path(d), ex.opset, {"dataset": dataset}, eps, ex.scorer_seed
         )
-    device = "cpu" if args.cpu else "cuda"
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (--cpu)"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    start = time.perf_counter()
+        sessions = {graph: runtime.open_session(f, policy) for graph, f in files.items()}
+        errs = export.parity_of(vae, sessions, eps)
+    return {
+        "dataset": dataset,
+        "epoch_s": [round(h.seconds, 2) for h in history],
+        "nll": nll,
+        "nll_s": nll_s,
+        "providers": sorted({sess.provider for sess in sessions.values()}),
+        "parity": {g: max(v for k, v in errs.items() if k.startswith(g)) for g in sessions},
+        "atol": {
+            g: export.SCORER_ATOL_NATS if g == "scorer" else ex.parity_atol for g in sessions
+        },
+    }
+
+
+def full_report(device: str, env: dict) -> list[str]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         repo = project(tmp, device)
@@ -145,23 +187,76 @@ def main() -> None:
             )
         inference = step_inference(repo, env, tmp)
         serve = step_serve(repo, env, tmp, "cuda" if device == "cuda" else "cpu")
+    return [
+        f"1. dvc repro ({pipe['dataset']}, 3 epochs): {pipe['seconds']:.0f} s, train on "
+        f"{pipe['train_device']}, export parity on {pipe['export_provider']}, test NLL "
+        f"{pipe['nll']:.2f} nats",
+        *[f"   {line}" for line in pipe["log"]],
+        f"2. inference (benchmarks/inference.py on that model):\n\n{inference}",
+        f"3. served decoder: HTTP {serve['status']}, first request "
+        f"{serve['first_request_ms']:.1f} ms; {serve['loaded']}",
+    ]
+
+
+def core_report(device: str, env: dict) -> list[str]:
+    core = step_core(device)
+    if device == "cuda" and core["providers"] != ["CUDAExecutionProvider"]:
+        fail(f"export's graphs did not all run on CUDA: {core['providers']}")
+    parity = ", ".join(
+        f"{g} {e:.2g} (atol {core['atol'][g]:g})" for g, e in core["parity"].items()
+    )
+    bench = ROOT / "benchmarks"
+    inference = sh(ROOT, sys.executable, str(bench / "inference.py"), "--seconds", "0.5", env=env)
+    cost = [str(bench / "step_cost.py"), "--device", device, "--conv-variants", "--steps", "20"]
+    steps = sh(ROOT, sys.executable, *cost, env=env)
+    over = [g for g, e in core["parity"].items() if e > core["atol"][g]]
+    return [
+        f"1. train loop ({core['dataset']}, {len(core['epoch_s'])} epochs on {device}): "
+        f"seconds an epoch {core['epoch_s']}; IWAE k=500 NLL of 1,000 test images "
+        f"{core['nll']:.2f} nats in {core['nll_s']:.2f} s; export's graphs on "
+        f"{core['providers']}, max abs error against PyTorch: {parity}",
+        "2. inference (benchmarks/inference.py, a default-size model):",
+        "",
+        inference[inference.index("| graph |") :] if "| graph |" in inference else inference,
+        "3. step cost (benchmarks/step_cost.py --conv-variants):",
+        "",
+        *[f"    {line}" for line in steps.strip().splitlines()],
+        *([f"{FAILED} parity of {', '.join(over)} over its tolerance"] if over else []),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (try the script)")
+    ap.add_argument("--out", help="also write the report to this Markdown file")
+    ap.add_argument("--core", action="store_true", help="only the steps that need no DVC/MLflow")
+    args = ap.parse_args()
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        fail(
+            f"torch {torch.__version__} sees no CUDA GPU here; run this on a machine with an "
+            "NVIDIA GPU (or --cpu to try the script)"
+        )
+    device = "cpu" if args.cpu else "cuda"
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (--cpu)"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    lines = core_report(device, env) if args.core else full_report(device, env)
     report = "\n".join(
         [
-            f"# GPU check, {datetime.date.today()}: {gpu}",
+            f"# GPU check{' (--core)' if args.core else ''}, {datetime.date.today()}: {gpu}",
             f"torch {torch.__version__}; total {time.perf_counter() - start:.0f} s",
             "",
-            f"1. dvc repro ({pipe['dataset']}, 3 epochs): {pipe['seconds']:.0f} s, train on "
-            f"{pipe['train_device']}, export parity on {pipe['export_provider']}, test NLL "
-            f"{pipe['nll']:.2f} nats",
-            *[f"   {line}" for line in pipe["log"]],
-            f"2. inference (benchmarks/inference.py on that model):\n\n{inference}",
-            f"3. served decoder: HTTP {serve['status']}, first request "
-            f"{serve['first_request_ms']:.1f} ms; {serve['loaded']}",
+            *lines,
         ]
     )
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")
+    if any(line.startswith(FAILED) for line in lines):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def bench(vae: VAE, files, batches, seconds: float, torch_gpu: bool, ort_gpu: bo
         "decoder": DecoderMean(vae).eval(),
         "scorer": export.ScorerGraph(vae, scorer_noise(vae)).eval(),
     }
-    trt = ort_gpu and runtime.TENSORRT in ort.get_available_providers()
+    trt = ort_gpu and runtime.tensorrt_status()[0]
     rng = np.random.default_rng(0)
     rows = []
     for graph, module in modules.items():
@@ -262,6 +262,8 @@ def main() -> None:
         print(f"torch CUDA rows skipped: this torch ({torch.__version__}) sees no GPU")
     if not ort_gpu:
         print(f"onnxruntime CUDA rows skipped: {reason}")
+    elif not runtime.tensorrt_status()[0]:
+        print(f"onnxruntime TensorRT rows skipped: {runtime.tensorrt_status()[1]}")
     print()
     print(machine(gpu))
     print(table(rows))

@@ -8,6 +8,7 @@ ratios: they say which rows fit a CPU budget.
 
     python benchmarks/step_cost.py                  # all cores this process may use
     python benchmarks/step_cost.py --threads 2 --steps 40
+    python benchmarks/step_cost.py --device cuda --conv-variants   # adds bf16 autocast rows
 """
 
 from __future__ import annotations
@@ -48,31 +49,43 @@ CONV_VARIANTS = [
     ("conv iwae k=5 channels_last", CONV, 5, "channels_last"),
     ("conv iwae k=5 compiled", CONV, 5, "compile"),
 ]
+# On a GPU also bfloat16 autocast (the loss and the optimizer stay float32).
+GPU_VARIANTS = [
+    ("conv elbo bf16", CONV, None, "bf16"),
+    ("conv elbo bf16 channels_last", CONV, None, "bf16 channels_last"),
+    ("conv iwae k=5 bf16", CONV, 5, "bf16"),
+    ("conv iwae k=5 bf16 channels_last", CONV, 5, "bf16 channels_last"),
+]
 
 
 def step_seconds(
-    cfg: VAEConfig, k: int | None, steps: int, variant: str = "", warmup: int = 3
+    cfg: VAEConfig, k: int | None, steps: int, variant: str = "", warmup: int = 3, device="cpu"
 ) -> float:
     torch.manual_seed(0)
-    vae = VAE(cfg)
+    vae = VAE(cfg).to(device)
     step = Step(vae)
-    x = torch.bernoulli(torch.rand(128, *cfg.image_shape))
-    if variant == "channels_last":
+    x = torch.bernoulli(torch.rand(128, *cfg.image_shape, device=device))
+    if "channels_last" in variant:
         vae = vae.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    elif variant == "compile":
+    if "compile" in variant:
         step = torch.compile(step)
         warmup += 2  # the first calls compile
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled="bf16" in variant)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     opt = torch.optim.Adam(vae.parameters(), foreach=True)
     shape = (k, 128, vae.noise_dim) if k else (128, vae.noise_dim)
     for i in range(warmup + steps):
         if i == warmup:
+            sync()
             t0 = time.perf_counter()
-        s = step(x, torch.randn(shape))
-        t = sample_terms(x, s, cfg.likelihood, vae.sigma, iwae=bool(k))
+        with autocast:  # autocast runs the losses (log-sum-exp, BCE) in float32 itself
+            s = step(x, torch.randn(shape, device=device))
+            t = sample_terms(x, s, cfg.likelihood, vae.sigma, iwae=bool(k))
         opt.zero_grad(set_to_none=True)
         t.loss.backward()
         opt.step()
+    sync()
     return (time.perf_counter() - t0) / steps
 
 
@@ -85,15 +98,19 @@ def main() -> None:
         action="store_true",
         help="also time the conv step in channels_last memory format and under torch.compile",
     )
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, batch 128, {args.steps} steps a case"
+    where = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     )
+    print(f"{where}, torch {torch.__version__}, batch 128, {args.steps} steps a case")
+    variants = CONV_VARIANTS + (GPU_VARIANTS if args.device == "cuda" else [])
     base = None
-    for name, cfg, k, variant in CASES + (CONV_VARIANTS if args.conv_variants else []):
-        s = step_seconds(cfg, k, args.steps, variant)
+    for name, cfg, k, variant in CASES + (variants if args.conv_variants else []):
+        s = step_seconds(cfg, k, args.steps, variant, device=args.device)
         base = base or s
         print(
             f"{name:14s} {s * 1e3:7.1f} ms/step  {s * STEPS_PER_EPOCH:6.1f} s/epoch  "

@@ -27,9 +27,6 @@ from vaepipe.tracking import registry
 MODELS = paths.MODELS
 # precision -> (converter, provider policy for its parity check); int8 is a CPU format.
 VARIANTS = {"fp16": (export.to_fp16, None), "int8": (export.to_int8, "cpu")}
-# The scorer's NLL runs to hundreds of nats; float32 agrees with PyTorch to below this (a
-# warning above it: a density with a tiny Gaussian sigma sums to thousands of nats)
-SCORER_ATOL_NATS = 1e-3
 
 
 def export_variants(vae, files: dict, ex) -> tuple[dict, list[str]]:
@@ -227,7 +224,9 @@ def main() -> None:
             f"{ex.parity_atol:g} ({ {k: v for k, v in results.items() if 'parity/' in k} })"
         )
     scorer_worst = max(v for k, v in results.items() if k.startswith("parity/scorer"))
-    if scorer_worst > SCORER_ATOL_NATS:  # float32 sums of large densities (tiny gaussian sigma)
+    if (
+        scorer_worst > export.SCORER_ATOL_NATS
+    ):  # float32 sums of large densities (tiny gaussian sigma)
         warnings.append(f"scorer.onnx differs from PyTorch by {scorer_worst:.3g} nats")
     facts = {
         "run_id": run_id,

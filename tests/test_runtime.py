@@ -49,6 +49,17 @@ def test_cuda_policy_without_a_gpu_is_an_error_that_says_why(paths):
 def test_cuda_policy_runs_on_cuda(paths):
     sess = runtime.open_session(paths["decoder"], "cuda")
     assert sess.provider == runtime.CUDA == sess.session.get_providers()[0]
+    # float32 math, not TF32: the CUDA provider's default put the scorer 0.05 nats off on an H100
+    assert sess.session.get_provider_options()[runtime.CUDA]["use_tf32"] == "0"
+
+
+def test_tensorrt_without_its_library_says_so(paths):
+    usable, reason = runtime.tensorrt_status()
+    if usable:
+        pytest.skip(f"TensorRT is installed here ({reason})")
+    with pytest.raises(RuntimeProviderError, match="provider 'tensorrt' requested but") as e:
+        runtime.open_session(paths["decoder"], "tensorrt")
+    assert (reason if CUDA_OK else CUDA_REASON) in str(e.value)
 
 
 def test_bad_policy_missing_and_broken_files(paths, tmp_path):
