@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from vaepipe.elbo import log_normal_diag as log_normal
+from vaepipe.elbo import log_normal_diag as log_normal  # noqa: F401  (priors.log_normal)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -26,8 +26,17 @@ def mixture_log_prob(
 ) -> torch.Tensor:
     """log sum_k w_k N(z; mu_k, var_k) for z [..., D], components [K, D], log w [K]: [...].
 
-    Shifted by the max by hand (not torch.logsumexp): ONNX's ReduceLogSumExp underflows."""
-    comp = log_normal(z.unsqueeze(-2), mu, logvar) + log_weights  # [..., K]
+    The quadratic form sum_d (z_d - mu_kd)^2 / var_kd is expanded into two matrix products,
+    z^2 @ (1/var)^T - 2 z @ (mu/var)^T + sum_d mu^2/var, so no [..., K, D] tensor is made (that
+    broadcast cost as much as the rest of a VampPrior IWAE step). The terms reach thousands
+    where a posterior's variance is small, and cancel: they are summed in float64. The
+    mixture's log-sum-exp is shifted by the max by hand (not torch.logsumexp): ONNX's
+    ReduceLogSumExp underflows."""
+    zd, md = z.double(), mu.double()
+    prec = torch.exp(-logvar.double())  # [K, D]
+    quad = (zd * zd) @ prec.T - 2 * (zd @ (md * prec).T) + (md * md * prec).sum(-1)  # [..., K]
+    norm = logvar.double().sum(-1) + z.shape[-1] * LOG_2PI  # [K]
+    comp = (-0.5 * (quad.clamp(min=0) + norm)).to(z.dtype) + log_weights  # [..., K]
     top = comp.max(dim=-1, keepdim=True).values.detach()
     return (top + torch.log(torch.exp(comp - top).sum(-1, keepdim=True))).squeeze(-1)
 
