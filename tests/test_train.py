@@ -37,6 +37,20 @@ def test_training_improves_the_elbo_and_reports_every_term():
         assert key in m and m[key] == m[key]  # present and not NaN
 
 
+def test_bf16_autocast_trains_in_bfloat16_products_and_keeps_float32_weights():
+    x, xv = data()
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        vae = fresh()
+        cfg = train_cfg(epochs=4, batch_size=50, precision=precision)
+        runs[precision] = (vae, fit(vae, x, xv, cfg, "dynamic", progress=False))
+    (a, fp32), (b, bf16) = runs["fp32"], runs["bf16"]
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    assert not torch.equal(weights(a), weights(b))  # the products really ran in bfloat16
+    assert bf16[-1].val["elbo"] > bf16[0].val["elbo"]  # and it learns
+    assert abs(bf16[-1].val["elbo"] - fp32[-1].val["elbo"]) < 0.02 * abs(fp32[-1].val["elbo"])
+
+
 def test_same_seed_same_weights_on_cpu():
     x, xv = data()
     cfg = train_cfg(epochs=2, batch_size=64)
@@ -64,8 +78,10 @@ def test_same_seed_same_weights_on_cpu():
                 "early_stopping": 3,
             },
         ),
+        # bfloat16 autocast: the same numbers again after a resume
+        ("dynamic", {"objective": "iwae", "iwae_k": 3, "precision": "bf16"}),
     ],
-    ids=["dynamic", "static", "iwae-cosine", "warmup-freebits-plateau"],
+    ids=["dynamic", "static", "iwae-cosine", "warmup-freebits-plateau", "iwae-bf16"],
 )
 def test_resume_after_interrupt_reaches_identical_weights(binarization, options):
     x, xv = data()

@@ -25,6 +25,7 @@ ARCHS = ("mlp", "conv", "hvae")
 PRIORS = ("standard", "vamp", "mog")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -95,6 +96,7 @@ class TrainConfig:
     seed: int = field(metadata=SEED)
     device: str = field(metadata=_choice(*DEVICES))
     threads: int = field(metadata=_range(0))
+    precision: str = field(metadata=_choice(*PRECISIONS))
     resume: bool = field(metadata={})
     # torchrun launched by the stage itself (distributed.launch) when nproc * nnodes > 1
     nproc: int = field(metadata=_range(1, 1024))

@@ -13,7 +13,7 @@ the loss is in elbo.py, the loop in train.py.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -180,6 +180,14 @@ class LatentSample:
     log_p: torch.Tensor | None  # [..., B] log p(all latents)
     top_mu: torch.Tensor  # [..., B, D] the top layer's posterior (= mu but for hvae: q(z2|z1))
     top_logvar: torch.Tensor
+
+    def float(self) -> LatentSample:
+        """Every tensor in float32 (what a bfloat16 autocast forward hands the loss)."""
+        return replace(self, **{f.name: _float(getattr(self, f.name)) for f in fields(self)})
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 class VAE(nn.Module):

@@ -204,7 +204,10 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None
     eps = torch.randn(shape, device=xb.device)
     x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
     y_local = None if yb is None else distributed.local_slice(yb, group)
-    s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
+    # bf16: the model's matrix products in bfloat16 (autocast); the loss from float32 outputs
+    with torch.autocast(xb.device.type, torch.bfloat16, enabled=tcfg.precision == "bf16"):
+        s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
+    s = s.float()
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
         # 0, and a zero gradient for every weight (a learned sigma too, used outside forward)
         zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
