@@ -342,7 +342,17 @@ def follow(args, labels, state, fp: str, group: distributed.Group, context) -> N
         print(f"train: node {params.train.node_rank} wrote its outputs (MLflow run {run_id})")
 
 
+def check_precision(params: config.Params, device: torch.device) -> None:
+    if params.train.precision == "bf16" and device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                f"param 'train.precision' = 'bf16' but {torch.cuda.get_device_name(device)} "
+                "has no bfloat16 support; use fp32"
+            )
+
+
 def train(params: config.Params, group: distributed.Group, device: torch.device) -> None:
+    check_precision(params, device)
     threads = set_threads(params.train.threads)
     splits = load_data(params, device)
     x_train, x_val = to_tensor(splits["train"], device), to_tensor(splits["val"], device)
