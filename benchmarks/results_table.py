@@ -49,29 +49,36 @@ def _metrics(rev: dict, name: str) -> dict:
     return rev["data"]["metrics"].get(f"metrics/{name}", {}).get("data", {})
 
 
-def experiments(names: list[str] | None) -> list[tuple[str, dict, dict, dict]]:
-    """[(name, params changed from the commit's, train.json, evaluate.json)]."""
-    shown = json.loads(
-        subprocess.run(
-            ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    head = next(c for c in shown if c["rev"] != "workspace")
-    base = _params(head)
+def experiments(names: list[str] | None, all_commits: bool = False) -> list[tuple]:
+    """[(name, params changed from its commit's, train.json, evaluate.json)]: the experiments
+    of the HEAD commit, or of every commit."""
+    dvc = Path(sys.executable).parent / "dvc"  # the project's DVC, also without an activated venv
+    cmd = [str(dvc) if dvc.is_file() else "dvc", "exp", "show", "--json"]
+    try:
+        proc = subprocess.run(
+            cmd + (["--all-commits"] if all_commits else []), capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        sys.exit("error: no `dvc` here: run `make install`, then use .venv/bin/python")
+    if proc.returncode != 0:
+        sys.exit(f"error: `dvc exp show` failed: {proc.stderr.strip()[-500:]}")
+    commits = [c for c in json.loads(proc.stdout) if c["rev"] != "workspace"]
     rows = []
-    for exp in head.get("experiments") or []:
-        rev = exp["revs"][0]
-        name = rev.get("name") or exp.get("name")
-        if rev.get("error") or not rev.get("data") or (names and name not in names):
-            continue
-        ev = _metrics(rev, "evaluate.json")
-        if "test/nll_iwae" not in ev:
-            continue
-        params = _params(rev)
-        changed = {k: v for k, v in params.items() if base.get(k) != v}
-        if params.get("train.objective") == "iwae":  # k is the point of the row: show it
-            changed.setdefault("train.iwae_k", params["train.iwae_k"])
-        rows.append((name, changed, _metrics(rev, "train.json"), ev))
+    for head in commits if all_commits else commits[:1]:
+        base = _params(head)
+        for exp in head.get("experiments") or []:
+            rev = exp["revs"][0]
+            name = rev.get("name") or exp.get("name")
+            if rev.get("error") or not rev.get("data") or (names and name not in names):
+                continue
+            ev = _metrics(rev, "evaluate.json")
+            if "test/nll_iwae" not in ev:
+                continue
+            params = _params(rev)
+            changed = {k: v for k, v in params.items() if base.get(k) != v}
+            if params.get("train.objective") == "iwae":  # k is the point of the row: show it
+                changed.setdefault("train.iwae_k", params["train.iwae_k"])
+            rows.append((name, changed, _metrics(rev, "train.json"), ev))
     if names:
         rows.sort(key=lambda r: names.index(r[0]))
     return rows
@@ -144,8 +151,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--names", nargs="*", help="experiments to show, in this order")
     ap.add_argument("--baseline", help="experiment the paired NLL differences are taken against")
+    ap.add_argument(
+        "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's"
+    )
     args = ap.parse_args()
-    rows = experiments(args.names)
+    rows = experiments(args.names, args.all_commits)
     if not rows:
         sys.exit("error: no finished DVC experiment with metrics/evaluate.json on this commit")
     print(f"{os.cpu_count()} CPU cores; NLL in nats on the first n test images\n")
