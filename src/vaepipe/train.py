@@ -9,6 +9,7 @@ and when the loop is interrupted, so the stage script can log, save and later re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -204,10 +205,11 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None
     eps = torch.randn(shape, device=xb.device)
     x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
     y_local = None if yb is None else distributed.local_slice(yb, group)
-    # bf16: the model's matrix products in bfloat16 (autocast); the loss from float32 outputs
-    with torch.autocast(xb.device.type, torch.bfloat16, enabled=tcfg.precision == "bf16"):
+    bf16 = tcfg.precision == "bf16"  # the model's matrix products in bfloat16 (autocast)
+    with torch.autocast(xb.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
         s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
-    s = s.float()
+    if bf16:
+        s = s.float()  # the loss from float32 outputs
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
         # 0, and a zero gradient for every weight (a learned sigma too, used outside forward)
         zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
