@@ -129,14 +129,18 @@ def step_core(device: str, epochs: int = 3) -> dict:
     import torch
 
     from vaepipe import config, data, export, metrics, runtime
+    from vaepipe.errors import DataError
     from vaepipe.model import VAE, VAEConfig
     from vaepipe.train import fit
 
     params = config.load(ROOT / "params.yaml")
-    root = ROOT / "data" / "raw"
-    fashion = any(data._has_all(d) for d in data._candidate_dirs("fashion-mnist", root))
-    dataset = "fashion-mnist" if fashion else "digits"
-    cfg = dataclasses.replace(params.data, dataset=dataset, download=False, root=str(root))
+    root = str(ROOT / "data" / "raw")
+    cfg = dataclasses.replace(params.data, dataset="fashion-mnist", download=False, root=root)
+    try:
+        data.locate_idx(cfg)
+    except DataError:  # no Fashion-MNIST here (and no network): scikit-learn's digits
+        cfg = dataclasses.replace(cfg, dataset="digits")
+    dataset = cfg.dataset
     x = {
         name: torch.from_numpy(data.to_unit(split.x)).to(device)
         for name, split in data.prepare_splits(cfg).items()

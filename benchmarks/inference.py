@@ -137,13 +137,12 @@ def _cases(graph, module, files, x, torch_gpu: bool, ort_gpu: bool, trt: bool) -
     return cases
 
 
-def bench(vae: VAE, files, batches, seconds: float, torch_gpu: bool, ort_gpu: bool) -> list[dict]:
+def bench(vae: VAE, files, batches, seconds: float, torch_gpu: bool, ort_gpu: bool, trt: bool):
     modules = {
         "encoder": export.EncoderGraph(vae).eval(),
         "decoder": DecoderMean(vae).eval(),
         "scorer": export.ScorerGraph(vae, scorer_noise(vae)).eval(),
     }
-    trt = ort_gpu and runtime.tensorrt_status()[0]
     rng = np.random.default_rng(0)
     rows = []
     for graph, module in modules.items():
@@ -254,16 +253,17 @@ def main() -> None:
     torch_gpu = torch.cuda.is_available()
     ort_gpu, reason = runtime.cuda_status()
     gpu = torch_gpu or ort_gpu
+    trt, trt_reason = runtime.tensorrt_status() if ort_gpu else (False, "")
     with tempfile.TemporaryDirectory() as tmp:
         files = graphs(vae, Path(tmp))
         print(machine(gpu), flush=True)
-        rows = bench(vae, files, args.batches, args.seconds, torch_gpu, ort_gpu)
+        rows = bench(vae, files, args.batches, args.seconds, torch_gpu, ort_gpu, trt)
     if not torch_gpu:
         print(f"torch CUDA rows skipped: this torch ({torch.__version__}) sees no GPU")
     if not ort_gpu:
         print(f"onnxruntime CUDA rows skipped: {reason}")
-    elif not runtime.tensorrt_status()[0]:
-        print(f"onnxruntime TensorRT rows skipped: {runtime.tensorrt_status()[1]}")
+    elif not trt:
+        print(f"onnxruntime TensorRT rows skipped: {trt_reason}")
     print()
     print(machine(gpu))
     print(table(rows))

@@ -224,9 +224,8 @@ def main() -> None:
             f"{ex.parity_atol:g} ({ {k: v for k, v in results.items() if 'parity/' in k} })"
         )
     scorer_worst = max(v for k, v in results.items() if k.startswith("parity/scorer"))
-    if (
-        scorer_worst > export.SCORER_ATOL_NATS
-    ):  # float32 sums of large densities (tiny gaussian sigma)
+    # float32 sums of large densities (tiny gaussian sigma)
+    if scorer_worst > export.SCORER_ATOL_NATS:
         warnings.append(f"scorer.onnx differs from PyTorch by {scorer_worst:.3g} nats")
     facts = {
         "run_id": run_id,

@@ -279,15 +279,15 @@ class VAE(nn.Module):
             logits = self.decoder(z, y)
             if self.closed_form_kl:
                 return LatentSample(logits, z, mu, logvar, None, None, mu, logvar)
-            log_q, log_p = priors.log_normal(z, mu, logvar), self.prior.log_prob(z)
+            log_q, log_p = elbo.log_normal_diag(z, mu, logvar), self.prior.log_prob(z)
             return LatentSample(logits, z, mu, logvar, log_q, log_p, mu, logvar)
         d1 = self.cfg.z1_dim
         z1 = mu + torch.exp(0.5 * logvar) * eps[..., :d1]
         mu2, logvar2 = self.up(z1).chunk(2, dim=-1)
         z2 = mu2 + torch.exp(0.5 * logvar2) * eps[..., d1:]
         mu1p, logvar1p = self.down(z2).chunk(2, dim=-1)
-        log_q = priors.log_normal(z1, mu, logvar) + priors.log_normal(z2, mu2, logvar2)
-        log_p = priors.log_normal(z1, mu1p, logvar1p) + self.prior.log_prob(z2)
+        log_q = elbo.log_normal_diag(z1, mu, logvar) + elbo.log_normal_diag(z2, mu2, logvar2)
+        log_p = elbo.log_normal_diag(z1, mu1p, logvar1p) + self.prior.log_prob(z2)
         return LatentSample(self.decoder(z1, y), z2, mu, logvar, log_q, log_p, mu2, logvar2)
 
     def sample_prior(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,6 @@ import math
 import torch
 from torch import nn
 
-from vaepipe.elbo import log_normal_diag as log_normal  # noqa: F401  (priors.log_normal)
-
 LOG_2PI = math.log(2 * math.pi)
 
 

@@ -258,7 +258,7 @@ def _providers(policy: str) -> tuple[list, str]:
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
         }
-        return [(TENSORRT, trt), CUDA, CPU], f"TensorRT fp16, engine cache {cache}"
+        return [(TENSORRT, trt), (CUDA, CUDA_OPTIONS), CPU], f"TensorRT fp16, engine cache {cache}"
     if usable:
         return [(CUDA, CUDA_OPTIONS), CPU], reason
     if policy == "cuda":
