@@ -81,9 +81,9 @@ def step_seconds(
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        with autocast:  # autocast runs the losses (log-sum-exp, BCE) in float32 itself
+        with autocast:  # as vaepipe.train does: the model in bf16, the loss in float32
             s = step(x, torch.randn(shape, device=device))
-            t = sample_terms(x, s, cfg.likelihood, vae.sigma, iwae=bool(k))
+        t = sample_terms(x, s.float(), cfg.likelihood, vae.sigma, iwae=bool(k))
         opt.zero_grad(set_to_none=True)
         t.loss.backward()
         opt.step()

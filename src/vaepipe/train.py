@@ -301,7 +301,7 @@ def _start(vae, x_train, x_val, cfg: TrainConfig, binarization: str, resume, gro
         idx = torch.randperm(len(x_train), generator=pick)[: len(vae.prior.raw)]
         vae.prior.init_from(x_train[idx.to(device)])
     if vae.cfg.arch == "conv":  # NHWC weights: the convolutions take their faster kernels
-        vae.to(memory_format=torch.channels_last)  # (conv IWAE-5 step 152 -> 111 ms, step_cost)
+        vae.to(memory_format=torch.channels_last)  # (a conv IWAE-5 epoch ~1.2x faster on CPU)
     torch.manual_seed(cfg.seed)
     loop = _Loop(vae, cfg, device, group)
     loop.y_train, loop.y_val = labels or (None, None)
