@@ -12,7 +12,8 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from vaepipe import config, elbo, export, metrics, priors, runtime
 from vaepipe.errors import ConfigError
-from vaepipe.model import VAE
+from vaepipe.model import ACTIVATIONS as VAE_ACTIVATIONS
+from vaepipe.model import VAE, VAEConfig
 from vaepipe.train import fit
 
 
@@ -65,7 +66,8 @@ def test_mixture_samples_follow_the_weights_and_components():
 
 
 @pytest.mark.parametrize(
-    ("arch", "prior"), [("mlp", "vamp"), ("mlp", "mog"), ("hvae", "standard")]
+    ("arch", "prior"),
+    [("mlp", "vamp"), ("mlp", "mog"), ("hvae", "standard"), ("hvae_topdown", "vamp")],
 )
 def test_single_sample_kl_estimates_the_expected_log_ratio(arch, prior):
     """Averaged over many draws, the KL term of the sample-based ELBO is E_q[log q - log p];
@@ -114,8 +116,39 @@ def test_hvae_log_densities_are_the_two_layers_as_written():
         torch.testing.assert_close(s.logits, vae.decoder(z1))
 
 
+def test_hvae_topdown_log_densities_are_the_two_layers_as_written():
+    """Tomczak & Welling's two layers: q(z2|x) q(z1|x, z2), p(z2) p(z1|z2) p(x|z1, z2)."""
+    vae = _model(arch="hvae_topdown", z1_dim=4, prior="mog", prior_components=3)
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        s = vae.sample(x, eps)
+        h = vae.encoder.net[:-1](x.flatten(1))
+        mu2, logvar2 = vae.encoder(x)  # q(z2|x): the encoder itself
+        z2 = mu2 + torch.exp(0.5 * logvar2) * eps[..., 4:]
+        mu1, logvar1 = vae.q_z1(torch.cat([h.expand(2, 5, 16), z2], -1)).chunk(2, -1)
+        z1 = mu1 + torch.exp(0.5 * logvar1) * eps[..., :4]
+        mp, lp = vae.down(z2).chunk(2, -1)
+
+        def n(z, m, lv):
+            return Independent(Normal(m, torch.exp(0.5 * lv)), 1).log_prob(z)
+
+        torch.testing.assert_close(s.log_q, n(z1, mu1, logvar1) + n(z2, mu2, logvar2))
+        p = vae.prior
+        mix = _mixture(p.mu, p.logvar, p.logits)
+        torch.testing.assert_close(s.log_p, n(z1, mp, lp) + mix.log_prob(z2))
+        torch.testing.assert_close(s.z, z2)
+        torch.testing.assert_close(s.logits, vae.decoder(torch.cat([z1, z2], -1)))
+        # what decoder.onnx exports: the decoder at z1 = the mean of p(z1|z2), beside z2
+        z = torch.randn(6, 3)
+        want = vae.decoder(torch.cat([vae.down(z).chunk(2, -1)[0], z], -1))
+        torch.testing.assert_close(vae.decode(z), want)
+        torch.testing.assert_close(vae.encode(x)[0], mu2)
+
+
 @pytest.mark.parametrize(
-    ("arch", "prior"), [("hvae", "standard"), ("mlp", "vamp"), ("hvae", "mog")]
+    ("arch", "prior"),
+    [("hvae", "standard"), ("mlp", "vamp"), ("hvae", "mog"), ("hvae_topdown", "standard")],
 )
 def test_iwae_bound_tightens_with_k_and_one_sample_is_the_elbo(arch, prior):
     vae = _model(arch=arch, prior=prior, prior_components=4, z1_dim=4)
@@ -135,6 +168,7 @@ def test_iwae_bound_tightens_with_k_and_one_sample_is_the_elbo(arch, prior):
     "options",
     [
         {"arch": "hvae"},
+        {"arch": "hvae_topdown", "prior": "vamp", "prior_components": 10},
         {"prior": "vamp", "prior_components": 10},
         {"prior": "mog", "prior_components": 10},
     ],
@@ -160,6 +194,7 @@ def test_training_improves_and_resumes_exactly(options):
         {"prior": "vamp", "prior_components": 6},
         {"prior": "mog", "prior_components": 6},
         {"arch": "hvae", "z1_dim": 5, "prior": "vamp", "prior_components": 6},
+        {"arch": "hvae_topdown", "z1_dim": 5, "prior": "vamp", "prior_components": 6},
     ],
 )
 def test_every_graph_matches_pytorch_for_new_archs_and_priors(options, tmp_path):
@@ -197,6 +232,16 @@ def test_prior_onnx_of_the_standard_prior_is_the_noise_itself(tmp_path):
             "does not apply to 'model.arch'",
         ),
         ({"model": {"arch": "hvae", "hidden": []}}, "'model.hidden' must list at least one"),
+        (
+            {"model": {"arch": "hvae_topdown", "hidden": []}},
+            "for 'model.arch' = 'hvae_topdown'",
+        ),
+        (
+            {"model": {"arch": "hvae_topdown"}, "train": {"free_bits": 0.2}},
+            "'model.arch' = 'hvae_topdown' (its KL",
+        ),
+        ({"model": {"arch": "ladder"}}, "choose one of: mlp, conv, hvae, hvae_topdown"),
+        ({"model": {"activation": "gelu"}}, "choose one of: relu, silu, elu, tanh"),
         ({"model": {"prior": "flow"}}, "choose one of: standard, vamp, mog"),
         ({"model": {"prior_components": 0}}, "'model.prior_components' = 0 is out of range"),
     ],
@@ -243,3 +288,19 @@ def test_vaepipe_generate_samples_the_learned_prior_through_prior_onnx(tmp_path,
     )
     with np.load(plain) as f:
         torch.testing.assert_close(torch.from_numpy(f["z"]), eps)
+
+
+@pytest.mark.parametrize(("arch", "act"), [("mlp", "silu"), ("conv", "elu"), ("hvae", "tanh")])
+def test_activation_is_every_hidden_layers_and_exports_with_parity(arch, act, tmp_path):
+    vae = _model(arch=arch, activation=act, channels=[4], z1_dim=4)
+    kinds = {type(m) for m in vae.modules()}
+    assert VAE_ACTIVATIONS[act] in kinds and torch.nn.ReLU not in kinds
+    eps = metrics.fixed_noise(8, vae.noise_dim, 0)
+    paths = export.export_models(vae, tmp_path, 18, {"dataset": "digits"}, eps, 0)
+    sessions = {k: runtime.open_session(p, "cpu") for k, p in paths.items()}
+    errs = export.parity_of(vae, sessions, eps)
+    assert max(errs.values()) < 1e-3, errs
+    # a model file written before the key existed is the ReLU model it was
+    d = vae.cfg.to_dict()
+    del d["activation"]
+    assert VAE(VAEConfig.from_dict(d)).cfg.activation == "relu"

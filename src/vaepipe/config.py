@@ -21,7 +21,9 @@ from vaepipe.errors import ConfigError
 DATASETS = ("fashion-mnist", "mnist", "digits", "npz")
 BINARIZE = ("dynamic", "static", "none")
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
-ARCHS = ("mlp", "conv", "hvae")
+HIERARCHICAL_ARCHS = ("hvae", "hvae_topdown")  # two stochastic layers
+ARCHS = ("mlp", "conv", *HIERARCHICAL_ARCHS)
+ACTIVATIONS = ("relu", "silu", "elu", "tanh")
 PRIORS = ("standard", "vamp", "mog")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -75,6 +77,7 @@ class ModelConfig:
     prior_components: int = field(metadata=_range(1, 10_000))
     z1_dim: int = field(metadata=_range(1, MAX_WIDTH))
     conditional: bool = field(metadata={})
+    activation: str = field(metadata=_choice(*ACTIVATIONS))
 
 
 @dataclass
@@ -313,10 +316,10 @@ def _check_model(p: Params) -> None:
         raise ConfigError(
             "param 'model.channels' must list at least one width for 'model.arch' = 'conv'"
         )
-    if m.arch == "hvae" and not m.hidden:
+    if m.arch in HIERARCHICAL_ARCHS and not m.hidden:
         raise ConfigError(
-            "param 'model.hidden' must list at least one width for 'model.arch' = 'hvae' (the "
-            "layer between z1 and z2 has the last one)"
+            f"param 'model.hidden' must list at least one width for 'model.arch' = '{m.arch}' "
+            "(the layers between z1 and z2 have the last one)"
         )
     if m.prior != "standard" and p.train.free_bits > 0:
         raise ConfigError(
@@ -333,17 +336,18 @@ def _check_options(p: Params) -> None:
     if m.conditional and m.arch == "conv":
         raise ConfigError(
             "param 'model.conditional' = true is not supported with 'model.arch' = 'conv' "
-            "(the label joins the dense layers of mlp and hvae); use arch mlp or hvae"
+            "(the label joins the dense layers of mlp and the hvaes); use arch mlp, hvae or "
+            "hvae_topdown"
         )
     if m.conditional and m.prior == "vamp":
         raise ConfigError(
             "param 'model.conditional' = true does not fit 'model.prior' = 'vamp': its "
             "pseudo-inputs would need labels too; use prior standard or mog"
         )
-    if m.arch == "hvae" and p.train.free_bits > 0:
+    if m.arch in HIERARCHICAL_ARCHS and p.train.free_bits > 0:
         raise ConfigError(
             f"param 'train.free_bits' = {p.train.free_bits} does not apply to 'model.arch' = "
-            "'hvae' (its KL has no closed-form per-dim split); set free_bits to 0"
+            f"'{m.arch}' (its KL has no closed-form per-dim split); set free_bits to 0"
         )
 
 

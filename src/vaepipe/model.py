@@ -8,6 +8,11 @@ of Burda et al. (2016): q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), z2 the top lay
 N(0, I), a VampPrior (Tomczak & Welling 2018: a mixture of the posteriors of K learned
 pseudo-inputs) or a learned mixture of K Gaussians (vaepipe.priors). Only the model lives here;
 the loss is in elbo.py, the loop in train.py.
+
+`hvae_topdown` is the two-layer model of Tomczak & Welling (2018), the one their best results
+came from: the same generative chain with skips, p(z2) p(z1|z2) p(x|z1, z2), and top-down
+inference q(z2|x) q(z1|x, z2), so the image encoder is q(z2|x) itself (the VampPrior's
+components, encoder.onnx) and the decoder sees both layers.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from vaepipe import elbo, priors
+from vaepipe.config import HIERARCHICAL_ARCHS as HIERARCHICAL
 
 
 @dataclass
@@ -31,14 +37,15 @@ class VAEConfig:
     hidden: list[int]  # dense widths of the encoder; the decoder mirrors them
     likelihood: str  # bernoulli | gaussian | continuous_bernoulli
     gaussian_sigma: float  # std of the Gaussian likelihood (its start when learned), pixels
-    arch: str  # mlp | conv
+    arch: str  # mlp | conv | hvae | hvae_topdown
     channels: list[int]  # conv widths (arch conv)
     learn_sigma: bool  # gaussian: one learned std per pixel instead of gaussian_sigma
     min_sigma: float  # gaussian with learn_sigma: the std never goes below this
     prior: str  # standard | vamp | mog: p(z) of the top layer
     prior_components: int  # vamp: pseudo-inputs; mog: mixture components
-    z1_dim: int  # arch hvae: dims of the lower stochastic layer z1
+    z1_dim: int  # arch hvae, hvae_topdown: dims of the lower stochastic layer z1
     conditional: bool  # encoder and decoder also take the label y (one-hot)
+    activation: str  # relu | silu | elu | tanh: every hidden layer's nonlinearity
     n_classes: int = 0  # labels of the data (conditional); 0 when unconditional
 
     @classmethod
@@ -73,15 +80,20 @@ LEGACY_MODEL_KEYS = {
     "z1_dim": 0,
     "conditional": False,
     "n_classes": 0,
+    "activation": "relu",
 }
 
 
-def _mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
+# model.activation: the nonlinearity of every hidden layer (dense and convolutional)
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
+
+
+def _mlp(sizes: list[int], act: str, last_act: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if last_act or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[act]())
     return nn.Sequential(*layers)
 
 
@@ -94,55 +106,76 @@ def conv_sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _first_latent(cfg: VAEConfig) -> int:
-    """Dims of the layer the image encoder outputs: z1 for hvae, z otherwise."""
+def _encoder_latent(cfg: VAEConfig) -> int:
+    """Dims of the layer the image encoder outputs: z1 for hvae (bottom-up), z otherwise."""
     return cfg.z1_dim if cfg.arch == "hvae" else cfg.latent_dim
 
 
+def _decoder_latent(cfg: VAEConfig) -> int:
+    """Dims the image decoder reads: z1 for hvae, z1 and z2 for hvae_topdown, z otherwise."""
+    if cfg.arch == "hvae_topdown":
+        return cfg.z1_dim + cfg.latent_dim
+    return _encoder_latent(cfg)
+
+
 class Encoder(nn.Module):
-    """x -> (mu, logvar) of q(z|x); for hvae of q(z1|x)."""
+    """x -> (mu, logvar) of q(z|x); for hvae of q(z1|x), for hvae_topdown of q(z2|x)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         c, h, w = cfg.image_shape
-        out = 2 * _first_latent(cfg)
+        act = cfg.activation
+        out = 2 * _encoder_latent(cfg)
         if cfg.arch == "conv":
             layers: list[nn.Module] = []
             for a, b in zip([c, *cfg.channels[:-1]], cfg.channels, strict=True):
-                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU()]
+                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), ACTIVATIONS[act]()]
             fh, fw = conv_sizes(h, w, len(cfg.channels))[-1]
             n_feat = cfg.channels[-1] * fh * fw
-            layers += [nn.Flatten(), _mlp([n_feat, *cfg.hidden, out])]
+            layers += [nn.Flatten(), _mlp([n_feat, *cfg.hidden, out], act)]
             self.net = nn.Sequential(*layers)
         else:
-            self.net = _mlp([c * h * w + cfg.n_classes, *cfg.hidden, out])
+            self.net = _mlp([c * h * w + cfg.n_classes, *cfg.hidden, out], act)
         self.flat = cfg.arch != "conv"
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """y: one-hot labels [B, n_classes] of a conditional model, concatenated to x."""
+        mu, logvar = self.net(self._input(x, y)).chunk(2, dim=1)  # [B, D] each
+        return mu, logvar
+
+    def _input(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         h = x.flatten(1) if self.flat else x
-        if y is not None:
-            h = torch.cat([h, y], dim=1)
-        mu, logvar = self.net(h).chunk(2, dim=1)  # [B, D] each
+        return h if y is None else torch.cat([h, y], dim=1)
+
+    def features(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer [B, hidden[-1]] of a dense encoder (what q(z1|x, z2) of
+        hvae_topdown reads); `head(features(x))` is `forward(x)`."""
+        return self.net[:-1](self._input(x, y))
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) from the last hidden layer of a dense encoder."""
+        mu, logvar = self.net[-1](h).chunk(2, dim=-1)
         return mu, logvar
 
 
 class Decoder(nn.Module):
-    """z -> logits of p(x|z); for hvae z1 -> logits of p(x|z1)."""
+    """z -> logits of p(x|z); for hvae z1 -> logits of p(x|z1); for hvae_topdown [z1, z2]
+    -> logits of p(x|z1, z2)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.image_shape = tuple(cfg.image_shape)
         c, h, w = cfg.image_shape
-        first = _first_latent(cfg)
+        act = cfg.activation
+        first = _decoder_latent(cfg)
         if cfg.arch == "conv":
             sizes = conv_sizes(h, w, len(cfg.channels))
             fh, fw = sizes[-1]
             chans = list(reversed(cfg.channels))
             layers: list[nn.Module] = [
-                _mlp([cfg.latent_dim, *reversed(cfg.hidden), chans[0] * fh * fw], last_act=True),
+                _mlp([cfg.latent_dim, *reversed(cfg.hidden), chans[0] * fh * fw], act, True),
                 nn.Unflatten(1, (chans[0], fh, fw)),
             ]
             outs = [*chans[1:], c]
@@ -152,10 +185,10 @@ class Decoder(nn.Module):
                 pad = (th - 2 * sh + 1, tw - 2 * sw + 1)
                 layers.append(nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=pad))
                 if i < len(chans) - 1:
-                    layers.append(nn.ReLU())
+                    layers.append(ACTIVATIONS[act]())
             self.net = nn.Sequential(*layers)
         else:
-            self.net = _mlp([first + cfg.n_classes, *reversed(cfg.hidden), c * h * w])
+            self.net = _mlp([first + cfg.n_classes, *reversed(cfg.hidden), c * h * w], act)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (natural parameters) of the likelihood, [..., C, H, W] for z [..., D] (and
@@ -196,10 +229,13 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        if cfg.arch == "hvae":  # q(z2|z1) and p(z1|z2): one hidden layer of the last width
-            width = cfg.hidden[-1]
-            self.up = _mlp([cfg.z1_dim, width, 2 * cfg.latent_dim])
-            self.down = _mlp([cfg.latent_dim, width, 2 * cfg.z1_dim])
+        width = cfg.hidden[-1] if cfg.hidden else 0
+        if cfg.arch == "hvae":  # q(z2|z1): one hidden layer of the last width
+            self.up = _mlp([cfg.z1_dim, width, 2 * cfg.latent_dim], cfg.activation)
+        if cfg.arch in HIERARCHICAL:  # p(z1|z2)
+            self.down = _mlp([cfg.latent_dim, width, 2 * cfg.z1_dim], cfg.activation)
+        if cfg.arch == "hvae_topdown":  # q(z1|x, z2): the encoder's last hidden layer and z2
+            self.q_z1 = _mlp([width + cfg.latent_dim, width, 2 * cfg.z1_dim], cfg.activation)
         self.prior = priors.make_prior(
             cfg.prior, cfg.latent_dim, cfg.prior_components, cfg.image_shape, self.encode
         )
@@ -218,13 +254,15 @@ class VAE(nn.Module):
 
     @property
     def noise_dim(self) -> int:
-        """Standard-normal draws one sample of all latents takes (hvae: z1's, then z2's)."""
-        return self.cfg.latent_dim + (self.cfg.z1_dim if self.cfg.arch == "hvae" else 0)
+        """Standard-normal draws one sample of all latents takes (two layers: z1's, then
+        z2's)."""
+        two = self.cfg.arch in HIERARCHICAL
+        return self.cfg.latent_dim + (self.cfg.z1_dim if two else 0)
 
     @property
     def closed_form_kl(self) -> bool:
         """KL(q(z|x) || p(z)) in closed form: one layer and the N(0, I) prior."""
-        return self.cfg.arch != "hvae" and self.cfg.prior == "standard"
+        return self.cfg.arch not in HIERARCHICAL and self.cfg.prior == "standard"
 
     def recon_nll(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """-log p(x|z) per example in nats, summed over pixels."""
@@ -243,7 +281,8 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of the top layer's posterior; for hvae q(z2 | z1 = mu1(x)), through
-        the mean of z1 (what encoder.onnx exports and the latent pictures use)."""
+        the mean of z1 (what encoder.onnx exports and the latent pictures use); for
+        hvae_topdown q(z2|x) itself."""
         mu, logvar = self.encoder(x, self.onehot(y))
         if self.cfg.arch == "hvae":
             mu, logvar = self.up(mu).chunk(2, dim=-1)
@@ -259,10 +298,13 @@ class VAE(nn.Module):
         return mu + std * eps
 
     def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
-        """Decoder logits of a top-layer z; `mean(decode(z))` is E[x|z] (for hvae E[x | z1]
-        at z1 = the mean of p(z1|z2): what decoder.onnx exports)."""
+        """Decoder logits of a top-layer z; `mean(decode(z))` is E[x|z] (for hvae E[x | z1],
+        for hvae_topdown E[x | z1, z2], at z1 = the mean of p(z1|z2): what decoder.onnx
+        exports)."""
         if self.cfg.arch == "hvae":
             z = self.down(z).chunk(2, dim=-1)[0]
+        elif self.cfg.arch == "hvae_topdown":
+            z = torch.cat([self.down(z).chunk(2, dim=-1)[0], z], dim=-1)
         return self.decoder(z, self.onehot(y))
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
@@ -273,6 +315,8 @@ class VAE(nn.Module):
         """All latents of x drawn with the noise eps [B, E] or [K, B, E] (E = noise_dim); y:
         the labels of a conditional model."""
         y = self.onehot(y)
+        if self.cfg.arch == "hvae_topdown":
+            return self._sample_topdown(x, eps, y)
         mu, logvar = self.encoder(x, y)  # [B, D1]
         if self.cfg.arch != "hvae":
             z = mu + torch.exp(0.5 * logvar) * eps
@@ -289,6 +333,21 @@ class VAE(nn.Module):
         log_q = elbo.log_normal_diag(z1, mu, logvar) + elbo.log_normal_diag(z2, mu2, logvar2)
         log_p = elbo.log_normal_diag(z1, mu1p, logvar1p) + self.prior.log_prob(z2)
         return LatentSample(self.decoder(z1, y), z2, mu, logvar, log_q, log_p, mu2, logvar2)
+
+    def _sample_topdown(self, x: torch.Tensor, eps: torch.Tensor, y) -> LatentSample:
+        """hvae_topdown: z2 ~ q(z2|x), then z1 ~ q(z1|x, z2); p(x|z1, z2) p(z1|z2) p(z2)."""
+        d1 = self.cfg.z1_dim
+        h = self.encoder.features(x, y)  # [B, W]
+        mu2, logvar2 = self.encoder.head(h)  # [B, D]
+        z2 = mu2 + torch.exp(0.5 * logvar2) * eps[..., d1:]  # [..., B, D]
+        hz = torch.cat([h.expand(*z2.shape[:-1], h.shape[-1]), z2], dim=-1)
+        mu1, logvar1 = self.q_z1(hz).chunk(2, dim=-1)  # [..., B, D1]
+        z1 = mu1 + torch.exp(0.5 * logvar1) * eps[..., :d1]
+        mu1p, logvar1p = self.down(z2).chunk(2, dim=-1)
+        log_q = elbo.log_normal_diag(z1, mu1, logvar1) + elbo.log_normal_diag(z2, mu2, logvar2)
+        log_p = elbo.log_normal_diag(z1, mu1p, logvar1p) + self.prior.log_prob(z2)
+        logits = self.decoder(torch.cat([z1, z2], dim=-1), y)
+        return LatentSample(logits, z2, mu2, logvar2, log_q, log_p, mu2, logvar2)
 
     def sample_prior(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """A top-layer z from p(z) for noise eps [B, D] and uniforms u [B]."""
