@@ -163,6 +163,37 @@ def test_auroc_counts_pairs_in_which_the_outsider_scores_higher():
     # pairs (in, out) with out > in: 2.5 beats 1, 2; 4 beats all three -> 5 of 6
     assert ood.auroc(inside, outside) == pytest.approx(5 / 6)
     assert ood.auroc(inside, inside) == pytest.approx(0.5)
+    # scores that overflowed (nan, inf) rank above every finite one, tied among themselves
+    overflowed = np.array([np.nan, np.inf, 2.5])
+    assert ood.auroc(inside, overflowed) == pytest.approx((3 + 3 + 2) / 9)
+    assert ood.auroc(np.array([np.nan]), np.array([np.inf])) == pytest.approx(0.5)
+
+
+def test_separation_reports_overflowing_images_instead_of_failing():
+    """A VAE whose encoder variance overflows on inverted images (e^100, as a trained ELU
+    model's did) still gets its AUROCs, with the overflows counted."""
+    from _project import vae_cfg
+
+    from vaepipe import metrics
+    from vaepipe.model import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=2, hidden=[8])).eval()
+    with torch.no_grad():
+        # logvar = 300 * (mean pixel - 0.15): about 0 on these dark images, 210 on their
+        # inverses (a std of e^105: inf in float32)
+        last = vae.encoder.net[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        vae.encoder.net[0].weight.fill_(1 / 64)
+        vae.encoder.net[0].bias.zero_()
+        last.weight[2:, :] = 300.0 / 8
+        last.bias[2:] = -0.15 * 300
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    eps = metrics.fixed_noise(10, vae.noise_dim, 0)
+    out, _ = ood.separation(vae, x, eps, "npz", 0)
+    assert out["inverted"]["nonfinite"] == 20 and out["inverted"]["auroc"] == 1.0
+    assert math.isfinite(out["test"]["nll_mean"]) and "nonfinite" not in out["test"]
 
 
 def test_other_dataset_is_mnist_for_28x28_and_digits_resized_otherwise():

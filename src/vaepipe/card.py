@@ -142,6 +142,13 @@ def _limits(c: CardFacts) -> list[str]:
             "images (AUROC below 0.5): it is not an out-of-distribution detector for those "
             "(Nalisnick et al. 2019)."
         )
+    over = {k: v["nonfinite"] for k, v in sep.items() if isinstance(v, dict) and "nonfinite" in v}
+    if over:
+        lines.append(
+            "- the score overflows float32 (not a finite number; ranked least likely) on "
+            + ", ".join(f"{n} {k}" for k, n in over.items())
+            + " images: the encoder's variance explodes far from the training data."
+        )
     if c.params.get("model.likelihood") == "bernoulli":
         lines.append(
             "- a Bernoulli likelihood: NLLs are of binarized images; grey images are scored as "

@@ -66,11 +66,24 @@ def other_dataset(
 def auroc(nll_in: np.ndarray, nll_out: np.ndarray) -> float:
     """P(a random outside image scores a higher NLL than a random test image), ties half:
     1 = perfectly flagged, 0.5 = indistinguishable, below 0.5 = the outside data looks *more*
-    likely to the model."""
+    likely to the model. A score that is not a finite number (the model's float32 overflowed
+    on an image far from its data: an encoder variance of e^100) ranks above every finite one,
+    tied with the other overflows: its likelihood is below what float32 holds."""
     from sklearn.metrics import roc_auc_score
 
     labels = np.r_[np.zeros(len(nll_in)), np.ones(len(nll_out))]
-    return float(roc_auc_score(labels, np.r_[nll_in, nll_out]))
+    scores = np.r_[nll_in, nll_out].astype(np.float64)
+    scores[~np.isfinite(scores)] = np.finfo(np.float64).max
+    return float(roc_auc_score(labels, scores))
+
+
+def _summary(nll: np.ndarray) -> dict[str, float | int]:
+    """The mean NLL of the finite scores, and how many were not finite (overflowed)."""
+    finite = np.isfinite(nll)
+    out: dict[str, float | int] = {"nll_mean": float(nll[finite].mean()) if finite.any() else None}
+    if not finite.all():
+        out["nonfinite"] = int((~finite).sum())
+    return out
 
 
 def separation(
@@ -96,8 +109,8 @@ def separation(
         skipped["other dataset"] = other
     else:
         sets[name] = torch.from_numpy(other).to(x.device)
-    out = {"test": {"nll_mean": float(base.mean())}}
+    out = {"test": _summary(base)}
     for key, images in sets.items():
         scores = nll(images)
-        out[key] = {"nll_mean": float(scores.mean()), "auroc": auroc(base, scores)}
+        out[key] = {**_summary(scores), "auroc": auroc(base, scores)}
     return out, skipped
