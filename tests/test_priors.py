@@ -242,6 +242,11 @@ def test_prior_onnx_of_the_standard_prior_is_the_noise_itself(tmp_path):
         ),
         ({"model": {"arch": "ladder"}}, "choose one of: mlp, conv, hvae, hvae_topdown"),
         ({"model": {"activation": "gelu"}}, "choose one of: relu, silu, elu, tanh"),
+        ({"train": {"iwae_gradient": "dreg"}}, "'train.iwae_gradient' = 'dreg' needs"),
+        (
+            {"model": {"arch": "hvae"}, "train": {"objective": "iwae", "iwae_gradient": "dreg"}},
+            "is for one stochastic layer, not 'model.arch' = 'hvae'",
+        ),
         ({"model": {"prior": "flow"}}, "choose one of: standard, vamp, mog"),
         ({"model": {"prior_components": 0}}, "'model.prior_components' = 0 is out of range"),
     ],

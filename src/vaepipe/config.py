@@ -24,6 +24,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
 HIERARCHICAL_ARCHS = ("hvae", "hvae_topdown")  # two stochastic layers
 ARCHS = ("mlp", "conv", *HIERARCHICAL_ARCHS)
 ACTIVATIONS = ("relu", "silu", "elu", "tanh")
+IWAE_GRADIENTS = ("standard", "dreg")
 PRIORS = ("standard", "vamp", "mog")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -87,6 +88,7 @@ class TrainConfig:
     lr: float = field(metadata=_range(0, lo_open=True))
     objective: str = field(metadata=_choice(*OBJECTIVES))
     iwae_k: int = field(metadata=_range(1, 10_000))
+    iwae_gradient: str = field(metadata=_choice(*IWAE_GRADIENTS))
     beta: float = field(metadata=_range(0))
     warmup_epochs: int = field(metadata=_range(0))
     free_bits: float = field(metadata=_range(0))
@@ -344,6 +346,12 @@ def _check_options(p: Params) -> None:
             "param 'model.conditional' = true does not fit 'model.prior' = 'vamp': its "
             "pseudo-inputs would need labels too; use prior standard or mog"
         )
+    if m.arch in HIERARCHICAL_ARCHS and p.train.iwae_gradient == "dreg":
+        raise ConfigError(
+            f"param 'train.iwae_gradient' = 'dreg' is for one stochastic layer, not "
+            f"'model.arch' = '{m.arch}' (its q(z2|z1) would need z1's path kept and q's "
+            "parameters stopped); use arch mlp or conv, or iwae_gradient standard"
+        )
     if m.arch in HIERARCHICAL_ARCHS and p.train.free_bits > 0:
         raise ConfigError(
             f"param 'train.free_bits' = {p.train.free_bits} does not apply to 'model.arch' = "
@@ -364,6 +372,11 @@ def _check_train(t: TrainConfig) -> None:
                     f"param 'train.{key}' = {value} does not apply to 'train.objective' = "
                     f"'iwae' (the IWAE bound has no separate KL term); set it to {neutral}"
                 )
+    if t.iwae_gradient == "dreg" and t.objective != "iwae":
+        raise ConfigError(
+            f"param 'train.iwae_gradient' = 'dreg' needs 'train.objective' = 'iwae' (it is "
+            f"'{t.objective}'); DReG is a gradient of the IWAE bound"
+        )
     if t.lr_schedule != "constant" and t.lr_min >= t.lr:
         raise ConfigError(
             f"param 'train.lr_min' = {t.lr_min} must be smaller than 'train.lr' = {t.lr} "

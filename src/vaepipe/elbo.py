@@ -171,6 +171,31 @@ def sample_terms(
     return ElboTerms(recon=recon, kl=kl, kl_per_dim=kl_d, elbo=-(recon + kl), loss=loss)
 
 
+def dreg_surrogate(
+    x: torch.Tensor, s, likelihood: str, sigma: float | torch.Tensor = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate loss, normalized weights w~ [K, B]) for the doubly reparameterized IWAE
+    gradient (DReG, Tucker et al. 2019) of a one-layer model.LatentSample of K samples.
+
+    The IWAE gradient is sum_k w~_k grad log w_k. For the decoder and the prior (held at z)
+    that is what -sum_k sg(w~_k) log w_k gives. For the encoder, log q is taken with its mean
+    and variance stopped, so q reaches the loss only through z = mu + sigma eps, and that path
+    is charged w~_k^2 instead of w~_k: the caller scales the gradient arriving at z by w~
+    (`torch.Tensor.register_hook` on the z the decoder and prior read). The expectation is the
+    IWAE gradient; its variance does not blow up with K as the standard estimator's does. With
+    the VampPrior the encoder is part of p(z) too: that direct use keeps the weight w~."""
+    log_px_z = -recon_nll(x, s.logits, likelihood, sigma)  # [K, B]
+    log_p = (
+        s.log_p
+        if s.log_p is not None
+        else log_normal_diag(s.z, torch.zeros_like(s.z), torch.zeros_like(s.z))
+    )
+    log_q = log_normal_diag(s.z, s.mu.detach(), s.logvar.detach())
+    log_w = log_px_z + log_p - log_q
+    w = torch.softmax(log_w.detach(), dim=0)
+    return -(w * log_w).sum(0).mean(), w
+
+
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mu, diag(exp(logvar))) summed over the last dim."""
     return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + LOG_2PI).sum(-1)

@@ -21,7 +21,7 @@ import torch
 from vaepipe import distributed, signals
 from vaepipe.config import TrainConfig
 from vaepipe.data import binarize
-from vaepipe.elbo import sample_terms
+from vaepipe.elbo import dreg_surrogate, sample_terms
 from vaepipe.errors import VaepipeError
 from vaepipe.metrics import evaluate_elbo, iwae_log_likelihood
 from vaepipe.model import VAE
@@ -208,6 +208,7 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None
     bf16 = tcfg.precision == "bf16"  # the model's matrix products in bfloat16 (autocast)
     with torch.autocast(xb.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
         s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
+    z = s.z  # the sample the decoder and the prior read (DReG scales the gradient it gets)
     if bf16:
         s = s.float()  # the loss from float32 outputs
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
@@ -215,13 +216,19 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None
         zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
         zero = zero + sum(0 * p.sum() for p in vae.parameters())
         return zero, zero, loop.sums.new_zeros(4)
-    t = sample_terms(x_local, s, cfg.likelihood, vae.sigma, beta, tcfg.free_bits, iwae)
+    dreg = iwae and tcfg.iwae_gradient == "dreg"
+    with torch.no_grad() if dreg else contextlib.nullcontext():  # DReG: the terms are figures
+        t = sample_terms(x_local, s, cfg.likelihood, vae.sigma, beta, tcfg.free_bits, iwae)
+    loss = t.loss
+    if dreg:
+        loss, w = dreg_surrogate(x_local, s, cfg.likelihood, vae.sigma)
+        z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))  # z's path: w~^2 in all
     if not group.enabled:
-        return t.loss, t.loss, len(xb) * _terms(t)
+        return loss, t.loss, len(xb) * _terms(t)
     # DDP averages the ranks' gradients; weighting each rank's batch mean by its share of the
     # batch (slices may differ by one row) makes that the gradient of the global batch mean.
     weight = len(x_local) * group.world_size / len(xb)
-    return t.loss * weight, t.loss, len(x_local) * _terms(t)
+    return loss * weight, t.loss, len(x_local) * _terms(t)
 
 
 def _terms(t) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""A short training run of one configuration and its IWAE NLL: the probe that picks what is worth
+a 30-minute run.
+
+Trains with `vaepipe.train.fit` on the prepare stage's splits (data/prepared/*.npz) with
+params.yaml and `-S section.key=value` overrides (YAML values, validated as `dvc exp run -S`
+is), then prints one JSON line: seconds an epoch, the IWAE NLL (nats, `--k` samples, the first
+`--n` test images binarized with seed 0), the best epoch and the validation ELBO. Two probes
+with `--threads 1` side by side share a 2-core machine fairly; compare probes of the same
+length (a probe of 12 epochs ranks long runs only roughly: README, results).
+
+    python benchmarks/probe.py --epochs 12 -S model.prior=vamp -S model.prior_components=100 \
+        -S train.objective=iwae -S train.lr_schedule=cosine -S train.precision=bf16 \
+        -S model.activation=elu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from vaepipe import config, data, metrics  # noqa: E402
+from vaepipe.errors import VaepipeError  # noqa: E402
+from vaepipe.model import VAE, VAEConfig  # noqa: E402
+from vaepipe.train import fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def with_overrides(raw: dict, sets: list[str]) -> config.Params:
+    """params.yaml's mapping with each `section.key=value` laid over it, validated."""
+    for item in sets:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in raw or not isinstance(raw[section], dict):
+            raise VaepipeError(f"-S {item!r}: expected section.key=value (e.g. train.epochs=12)")
+        raw[section][name] = yaml.safe_load(value)
+    return config.from_dict(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default="probe", help="label of the JSON line")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--k", type=int, default=200, help="importance samples of the NLL")
+    ap.add_argument("--n", type=int, default=1000, help="first n test images")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "prepared")
+    ap.add_argument("-S", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        p = with_overrides(raw, [*args.sets, f"train.epochs={args.epochs}"])
+        splits = {k: data.load_split(args.data / f"{k}.npz") for k in ("train", "val", "test")}
+    except (VaepipeError, OSError) as e:
+        print(f"probe: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    x = {k: torch.from_numpy(data.to_unit(v.x)) for k, v in splits.items()}
+    torch.manual_seed(p.train.seed)
+    vae = VAE(VAEConfig.from_params(x["train"].shape[1:], p.model))
+    if p.model.prior == "vamp":
+        vae.prior.init_from(x["train"][: p.model.prior_components])
+    t0 = time.perf_counter()
+    hist = fit(vae, x["train"], x["val"], p.train, p.data.binarize, progress=False)
+    seconds = time.perf_counter() - t0
+    vae.eval()
+    test = torch.bernoulli(x["test"][: args.n], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nll = -metrics.iwae_log_likelihood(vae, test, args.k).mean().item()
+    row = {
+        "name": args.name,
+        "sets": args.sets,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "epoch_seconds": round(seconds / args.epochs, 1),
+        f"nll_k{args.k}_n{args.n}": round(nll, 2),
+        "best_epoch": hist[-1].best_epoch,
+        "val_elbo": round(hist[-1].val["elbo"], 2),
+    }
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
