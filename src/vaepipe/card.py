@@ -147,7 +147,7 @@ def _limits(c: CardFacts) -> list[str]:
         lines.append(
             "- the score overflows float32 (not a finite number; ranked least likely) on "
             + ", ".join(f"{n} {k}" for k, n in over.items())
-            + " images: the encoder's variance explodes far from the training data."
+            + " images: the encoder's variance explodes on them."
         )
     if c.params.get("model.likelihood") == "bernoulli":
         lines.append(

@@ -349,8 +349,9 @@ def _check_options(p: Params) -> None:
     if m.arch in HIERARCHICAL_ARCHS and p.train.iwae_gradient == "dreg":
         raise ConfigError(
             f"param 'train.iwae_gradient' = 'dreg' is for one stochastic layer, not "
-            f"'model.arch' = '{m.arch}' (its q(z2|z1) would need z1's path kept and q's "
-            "parameters stopped); use arch mlp or conv, or iwae_gradient standard"
+            f"'model.arch' = '{m.arch}' (one layer's q depends on the other layer's "
+            "sample, whose path DReG would have to keep while stopping q's parameters); use "
+            "arch mlp or conv, or iwae_gradient standard"
         )
     if m.arch in HIERARCHICAL_ARCHS and p.train.free_bits > 0:
         raise ConfigError(

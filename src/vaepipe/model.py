@@ -1,13 +1,13 @@
 """The VAE: q(z|x) = N(mu, diag(exp(logvar))), z = mu + sigma * eps, p(x|z) from the decoder.
 
-Three families, picked by `model.arch`: `mlp` (dense layers of widths `hidden`), `conv`
+Four families, picked by `model.arch`: `mlp` (dense layers of widths `hidden`), `conv`
 (stride-2 convolutions of widths `channels`, each halving H and W, then dense layers `hidden`;
-the decoder mirrors it with transposed convolutions), and `hvae`, the two-stochastic-layer MLP
+the decoder mirrors it with transposed convolutions), `hvae`, the two-stochastic-layer MLP
 of Burda et al. (2016): q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), z2 the top layer of
-`latent_dim` dims and z1 of `z1_dim`. The prior p(z) of the top layer is `model.prior`:
-N(0, I), a VampPrior (Tomczak & Welling 2018: a mixture of the posteriors of K learned
-pseudo-inputs) or a learned mixture of K Gaussians (vaepipe.priors). Only the model lives here;
-the loss is in elbo.py, the loop in train.py.
+`latent_dim` dims and z1 of `z1_dim`, and `hvae_topdown` (below). The prior p(z) of the top
+layer is `model.prior`: N(0, I), a VampPrior (Tomczak & Welling 2018: a mixture of the
+posteriors of K learned pseudo-inputs) or a learned mixture of K Gaussians (vaepipe.priors).
+Only the model lives here; the loss is in elbo.py, the loop in train.py.
 
 `hvae_topdown` is the two-layer model of Tomczak & Welling (2018), the one their best results
 came from: the same generative chain with skips, p(z2) p(z1|z2) p(x|z1, z2), and top-down
@@ -207,7 +207,7 @@ class LatentSample:
 
     logits: torch.Tensor  # [..., B, C, H, W] of p(x | z) (hvae: of p(x | z1))
     z: torch.Tensor  # [..., B, D] the top-layer sample
-    mu: torch.Tensor  # [B, D1] q's first layer (q(z|x); hvae: q(z1|x)), for the closed-form KL
+    mu: torch.Tensor  # [B, D1] the encoder's q (q(z|x); hvae: q(z1|x); hvae_topdown: q(z2|x))
     logvar: torch.Tensor  # [B, D1]
     log_q: torch.Tensor | None  # [..., B] log q(all latents | x); None: the closed form applies
     log_p: torch.Tensor | None  # [..., B] log p(all latents)

@@ -77,10 +77,11 @@ def auroc(nll_in: np.ndarray, nll_out: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def _summary(nll: np.ndarray) -> dict[str, float | int]:
+def _summary(nll: np.ndarray) -> dict[str, float | int | None]:
     """The mean NLL of the finite scores, and how many were not finite (overflowed)."""
     finite = np.isfinite(nll)
-    out: dict[str, float | int] = {"nll_mean": float(nll[finite].mean()) if finite.any() else None}
+    mean = float(nll[finite].mean()) if finite.any() else None
+    out: dict[str, float | int | None] = {"nll_mean": mean}
     if not finite.all():
         out["nonfinite"] = int((~finite).sum())
     return out
