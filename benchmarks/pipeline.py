@@ -27,6 +27,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vaepipe import config  # noqa: E402
+from vaepipe.errors import ConfigError  # noqa: E402
 
 # Imported by every Python process started with this directory on PYTHONPATH: at exit it appends
 # {argv, seconds, peak RSS, peak GPU memory} to $VAEPIPE_BENCH_LOG.
@@ -52,19 +56,15 @@ atexit.register(_report)
 """
 
 
-def make_copy(repo: Path, overrides: dict[str, object], nproc: int) -> None:
-    """The project's pipeline in `repo` as a fresh git repo, with params overridden (and the
-    train stage run under torchrun with `nproc` processes when nproc > 1)."""
+def make_copy(repo: Path, params: dict, nproc: int) -> None:
+    """The project's pipeline in `repo` as a fresh git repo, with the params mapping `params`
+    (and the train stage run under torchrun with `nproc` processes when nproc > 1)."""
     for name in ("pipeline", "src"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if nproc > 1:
         dvc_yaml = repo / "dvc.yaml"
@@ -75,16 +75,6 @@ def make_copy(repo: Path, overrides: dict[str, object], nproc: int) -> None:
         dvc_yaml.write_text(yaml.safe_dump(stages, sort_keys=False))
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark copy"]):
         subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-
-
-def parse_set(items: list[str]) -> dict[str, object]:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if "." not in key or not _:
-            raise SystemExit(f"--set {item!r}: expected section.key=value")
-        out[key] = yaml.safe_load(value)  # 2 -> int, 0.5 -> float, [32] -> list
-    return out
 
 
 def stage_names(repo: Path) -> list[str]:
@@ -138,7 +128,11 @@ def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp copy and print its path")
     args = ap.parse_args()
-    overrides = parse_set(args.set)
+    overrides = args.set
+    try:
+        params = config.with_sets(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: --set {e}") from None
 
     tmp = Path(tempfile.mkdtemp(prefix="vaepipe-bench-"))
     repo, hook = tmp / "project", tmp / "hook"
@@ -146,7 +140,7 @@ def main() -> None:
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = tmp / "processes.jsonl"
-    make_copy(repo, overrides, args.nproc)
+    make_copy(repo, params, args.nproc)
     plain = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     plain["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{plain['PATH']}"
     hooked = dict(plain, VAEPIPE_BENCH_LOG=str(log))
@@ -175,7 +169,7 @@ def main() -> None:
 
     print()
     print(f"{machine()}, load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"params overridden: {overrides or 'none (params.yaml defaults)'}")
+    print(f"params overridden: {', '.join(overrides) or 'none (params.yaml defaults)'}")
     if args.nproc > 1:
         print(f"train stage: torchrun --standalone --nproc_per_node {args.nproc}")
     print()

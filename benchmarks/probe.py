@@ -35,17 +35,6 @@ from vaepipe.train import fit  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def with_overrides(raw: dict, sets: list[str]) -> config.Params:
-    """params.yaml's mapping with each `section.key=value` laid over it, validated."""
-    for item in sets:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in raw or not isinstance(raw[section], dict):
-            raise VaepipeError(f"-S {item!r}: expected section.key=value (e.g. train.epochs=12)")
-        raw[section][name] = yaml.safe_load(value)
-    return config.from_dict(raw)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="probe", help="label of the JSON line")
@@ -58,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        p = with_overrides(raw, [*args.sets, f"train.epochs={args.epochs}"])
+        p = config.from_dict(config.with_sets(raw, [*args.sets, f"train.epochs={args.epochs}"]))
         if p.model.conditional:
             raise VaepipeError(
                 "model.conditional=true is not probed: its NLL is -log p(x|y), which does not "

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -182,3 +183,21 @@ def test_words_stay_wrong_for_number_params():
         config.from_dict(params_dict({"train": {"lr": "fast"}}))
     with pytest.raises(ConfigError, match="'train.lr' = 'nan' must be a number"):
         config.from_dict(params_dict({"train": {"lr": "nan"}}))
+
+
+def test_with_sets_lays_dvc_style_overrides_over_a_params_mapping():
+    raw = params_dict()
+    out = config.with_sets(raw, ["train.epochs=3", "model.hidden=[64, 32]", "train.lr=0.5"])
+    got = (out["train"]["epochs"], out["model"]["hidden"], out["train"]["lr"])
+    assert got == (3, [64, 32], 0.5)
+    assert raw["train"]["epochs"] != 3  # a copy: the given mapping is left as it was
+    assert config.from_dict(out).model.hidden == [64, 32]
+    for item, message in [
+        ("train.epochs", "expected section.key=value"),
+        ("epochs=3", "expected section.key=value"),
+        ("train.=3", "expected section.key=value"),
+        ("nosuch.epochs=3", "with a section of params.yaml (data, model"),
+        ("model.hidden=[1,", "the value is not YAML"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config.with_sets(raw, [item])

@@ -6,6 +6,7 @@ bad `dvc exp run -S key=value` fails before any work is done.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -424,6 +425,28 @@ def _check_cross(p: Params) -> None:
             f"param 'evaluate.knn_k' = {ev.knn_k} must be smaller than "
             f"'evaluate.probe_train_size' = {ev.probe_train_size} (the points it votes among)"
         )
+
+
+def with_sets(raw: dict, items: list[str]) -> dict:
+    """A copy of a params mapping (as in params.yaml) with each `section.key=value` of items
+    (the form of `dvc exp run -S`; values read as YAML: 2 -> int, 0.5 -> float, [32] -> list)
+    laid over it. Raises ConfigError naming a malformed item, an unknown section or a value
+    that is not YAML; from_dict then checks the keys and values as for params.yaml."""
+    out = copy.deepcopy(raw)
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and name) or not isinstance(out.get(section), dict):
+            raise ConfigError(
+                f"override {_show(item)}: expected section.key=value with a section of "
+                f"params.yaml ({', '.join(out)}), e.g. train.epochs=12"
+            )
+        try:
+            out[section][name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            why = getattr(e, "problem", None) or type(e).__name__  # one line, not the caret
+            raise ConfigError(f"override {_show(item)}: the value is not YAML ({why})") from None
+    return out
 
 
 def from_dict(raw: Any) -> Params:
