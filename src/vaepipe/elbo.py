@@ -132,11 +132,14 @@ def iwae_terms(
     logvar: torch.Tensor,
     likelihood: str,
     sigma: float | torch.Tensor = 0.1,
+    log_px_z: torch.Tensor | None = None,
 ) -> ElboTerms:
     """The IWAE objective (Burda et al. 2016) from K samples per example (z [K, B, D]): loss is
     minus the batch mean of log (1/K) sum_k w_k; recon and elbo are the K-sample averages of the
-    single-sample terms (unbiased ELBO estimates), kl the closed form."""
-    log_px_z = -recon_nll(x, logits, likelihood, sigma)  # [K, B]
+    single-sample terms (unbiased ELBO estimates), kl the closed form. log_px_z: log p(x|z)
+    [K, B] when the caller has it already (computed from x and logits otherwise)."""
+    if log_px_z is None:
+        log_px_z = -recon_nll(x, logits, likelihood, sigma)  # [K, B]
     log_w = _log_weights(log_px_z, z, mu, logvar)
     recon = -log_px_z.mean()
     kl_d = kl_per_dim(mu, logvar).mean(0)
@@ -154,16 +157,19 @@ def sample_terms(
     beta: float = 1.0,
     free_bits: float = 0.0,
     iwae: bool = False,
+    log_px_z: torch.Tensor | None = None,
 ) -> ElboTerms:
     """The terms of a model.LatentSample (one sample [B], or K samples [K, B] for the IWAE
     objective). With the N(0, I) prior and one layer the KL is the closed form (elbo_terms,
     iwae_terms); otherwise it is the single-sample estimate log q(z|x) - log p(z), and
-    kl_per_dim, a diagnostic, is the top posterior's per-dim KL against N(0, I)."""
+    kl_per_dim, a diagnostic, is the top posterior's per-dim KL against N(0, I). log_px_z: the
+    IWAE objective's log p(x|z) [K, B] when the caller has it already (dreg_surrogate's)."""
     if s.log_q is None:
         if iwae:
-            return iwae_terms(x, s.logits, s.z, s.mu, s.logvar, likelihood, sigma)
+            return iwae_terms(x, s.logits, s.z, s.mu, s.logvar, likelihood, sigma, log_px_z)
         return elbo_terms(x, s.logits, s.mu, s.logvar, likelihood, sigma, beta, free_bits)
-    log_px_z = -recon_nll(x, s.logits, likelihood, sigma)  # [..., B]
+    if log_px_z is None:
+        log_px_z = -recon_nll(x, s.logits, likelihood, sigma)  # [..., B]
     kl_sample = s.log_q - s.log_p  # [..., B]
     recon, kl = -log_px_z.mean(), kl_sample.mean()
     kl_d = kl_per_dim(s.top_mu, s.top_logvar).reshape(-1, s.top_mu.shape[-1]).mean(0)
@@ -173,9 +179,10 @@ def sample_terms(
 
 def dreg_surrogate(
     x: torch.Tensor, s, likelihood: str, sigma: float | torch.Tensor = 0.1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(surrogate loss, normalized weights w~ [K, B]) for the doubly reparameterized IWAE
-    gradient (DReG, Tucker et al. 2019) of a one-layer model.LatentSample of K samples.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(surrogate loss, normalized weights w~ [K, B], log p(x|z) [K, B]) for the doubly
+    reparameterized IWAE gradient (DReG, Tucker et al. 2019) of a one-layer model.LatentSample
+    of K samples. log p(x|z) comes back so the step's logged terms reuse it (sample_terms).
 
     The IWAE gradient is sum_k w~_k grad log w_k. For the decoder and the prior (held at z)
     that is what -sum_k sg(w~_k) log w_k gives. For the encoder, log q is taken with its mean
@@ -193,7 +200,7 @@ def dreg_surrogate(
     log_q = log_normal_diag(s.z, s.mu.detach(), s.logvar.detach())
     log_w = log_px_z + log_p - log_q
     w = torch.softmax(log_w.detach(), dim=0)
-    return -(w * log_w).sum(0).mean(), w
+    return -(w * log_w).sum(0).mean(), w, log_px_z
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

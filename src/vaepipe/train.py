@@ -216,13 +216,16 @@ def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None
         zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
         zero = zero + sum(0 * p.sum() for p in vae.parameters())
         return zero, zero, loop.sums.new_zeros(4)
-    dreg = iwae and tcfg.iwae_gradient == "dreg"
-    with torch.no_grad() if dreg else contextlib.nullcontext():  # DReG: the terms are figures
-        t = sample_terms(x_local, s, cfg.likelihood, vae.sigma, beta, tcfg.free_bits, iwae)
-    loss = t.loss
-    if dreg:
-        loss, w = dreg_surrogate(x_local, s, cfg.likelihood, vae.sigma)
+    if iwae and tcfg.iwae_gradient == "dreg":
+        loss, w, log_px_z = dreg_surrogate(x_local, s, cfg.likelihood, vae.sigma)
         z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))  # z's path: w~^2 in all
+        with torch.no_grad():  # the terms are figures here, from the surrogate's log p(x|z)
+            t = sample_terms(
+                x_local, s, cfg.likelihood, vae.sigma, beta, tcfg.free_bits, iwae, log_px_z
+            )
+    else:
+        t = sample_terms(x_local, s, cfg.likelihood, vae.sigma, beta, tcfg.free_bits, iwae)
+        loss = t.loss
     if not group.enabled:
         return loss, t.loss, len(xb) * _terms(t)
     # DDP averages the ranks' gradients; weighting each rank's batch mean by its share of the
