@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     x = {k: torch.from_numpy(data.to_unit(v.x)).to(dev) for k, v in splits.items()}
     torch.manual_seed(p.train.seed)
-    vae = VAE(VAEConfig.from_params(x["train"].shape[1:], p.model)).to(dev)  # fit starts a
-    # VampPrior's pseudo-inputs from the data
+    # fit starts a VampPrior's pseudo-inputs from the data
+    vae = VAE(VAEConfig.from_params(x["train"].shape[1:], p.model)).to(dev)
     t0 = time.perf_counter()
     hist = fit(vae, x["train"], x["val"], p.train, p.data.binarize, progress=False)
     seconds = time.perf_counter() - t0
