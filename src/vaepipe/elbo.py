@@ -192,13 +192,7 @@ def dreg_surrogate(
     IWAE gradient; its variance does not blow up with K as the standard estimator's does. With
     the VampPrior the encoder is part of p(z) too: that direct use keeps the weight w~."""
     log_px_z = -recon_nll(x, s.logits, likelihood, sigma)  # [K, B]
-    log_p = (
-        s.log_p
-        if s.log_p is not None
-        else log_normal_diag(s.z, torch.zeros_like(s.z), torch.zeros_like(s.z))
-    )
-    log_q = log_normal_diag(s.z, s.mu.detach(), s.logvar.detach())
-    log_w = log_px_z + log_p - log_q
+    log_w = _log_weights(log_px_z, s.z, s.mu.detach(), s.logvar.detach(), s.log_p)
     w = torch.softmax(log_w.detach(), dim=0)
     return -(w * log_w).sum(0).mean(), w, log_px_z
 
@@ -221,8 +215,11 @@ def iwae_log_weights(
     return _log_weights(-recon_nll(x, logits, likelihood, sigma), z, mu, logvar)
 
 
-def _log_weights(log_px_z, z, mu, logvar) -> torch.Tensor:
-    log_pz = log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
+def _log_weights(log_px_z, z, mu, logvar, log_pz=None) -> torch.Tensor:
+    """log p(x|z) + log p(z) - log N(z; mu, exp(logvar)); log_pz: a learned prior's log p(z),
+    N(0, I)'s when None."""
+    if log_pz is None:
+        log_pz = log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
     return log_px_z + log_pz - log_normal_diag(z, mu, logvar)
 
 
