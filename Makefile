@@ -1,4 +1,5 @@
-# Two entry points: `make run` (install + full pipeline on Fashion-MNIST) and `make test`.
+# Two entry points: `make run` (install + full pipeline on Fashion-MNIST) and `make test` (every
+# test tier); `make check` runs the unit tier, the edit loop.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,13 +8,20 @@ LOCK := requirements.lock
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install dataset lint ui clean lock gpu-check
+.PHONY: run test check install dataset lint ui clean lock gpu-check
 
 run: install dataset
 	dvc repro
 
+# pytest-xdist workers; each test module runs whole on one (tests/conftest.py's scopes). Most of
+# the end-to-end time is subprocesses and servers, so more workers than cores still pays.
+TEST_WORKERS ?= 4
+
 test: install web
-	pytest
+	pytest -n $(TEST_WORKERS) --dist loadscope
+
+check: install
+	pytest -n 2 --dist loadscope tests/unit
 
 install: $(VENV)/.installed
 

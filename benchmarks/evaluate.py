@@ -1,4 +1,4 @@
-"""IWAE throughput: vaepipe.metrics.iwae_log_likelihood against a bare PyTorch loop.
+"""IWAE throughput: vaepipe.evaluation.likelihood.iwae_log_likelihood against a bare PyTorch loop.
 
 Both compute the same per-example sums (log p(x|z) + log p(z) - log q(z|x), logsumexp over k)
 with the same model, k, chunking and noise, so the figures differ only by our overhead.
@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vaepipe import checkpoint, config, metrics
+from vaepipe import config
 from vaepipe.device import set_threads
-from vaepipe.model import VAE, VAEConfig
+from vaepipe.evaluation import likelihood
+from vaepipe.model import checkpoint
+from vaepipe.model.vae import VAE, VAEConfig
 
 
 @torch.no_grad()
@@ -75,10 +77,10 @@ def main() -> None:
     x = torch.rand((args.n, *vae.cfg.image_shape), generator=gen, device=device).bernoulli(
         generator=gen
     )
-    rows = args.rows or metrics.IWAE_ROWS_PER_CHUNK.get(device.type, 2048)
+    rows = args.rows or likelihood.IWAE_ROWS_PER_CHUNK.get(device.type, 2048)
 
     def ours():
-        return metrics.iwae_log_likelihood(vae, x, args.k, seed=0, rows_per_chunk=rows)
+        return likelihood.iwae_log_likelihood(vae, x, args.k, seed=0, rows_per_chunk=rows)
 
     def bare():
         return bare_iwae(vae, x, args.k, 0, rows)

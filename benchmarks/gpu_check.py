@@ -16,7 +16,7 @@ check. The report (Markdown) names the GPU and the date. Without a GPU it ends w
 --cpu runs the same steps on the CPU, to try this script itself.
 
 --core runs what needs no DVC or MLflow, for a bare GPU machine without them: the train
-stage's loop (vaepipe.train.fit) on CUDA, evaluate's IWAE NLL on CUDA, export's graphs and
+stage's loop (vaepipe.training.loop.fit) on CUDA, evaluate's IWAE NLL on CUDA, export's graphs and
 their parity on onnxruntime's CUDA provider, benchmarks/inference.py, and
 benchmarks/step_cost.py on CUDA (conv variants with bf16).
 """
@@ -38,8 +38,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+import sandbox  # noqa: E402
 
 FAILED = "FAILED:"
 
@@ -60,11 +61,9 @@ def sh(cwd: Path, *args: str, env: dict | None = None, timeout: int = 600) -> st
 
 def project(tmp: Path, device: str) -> Path:
     """A git repo holding a copy of the pipeline with a few-epoch, `device` param set."""
-    from _project import make_project
+    from vaepipe.data import sources
 
-    from vaepipe import data
-
-    fashion = data._has_all(data.SYSTEM_DATASET_DIR / "fashion-mnist")
+    fashion = sources._has_all(sources.SYSTEM_DATASET_DIR / "fashion-mnist")
     params = {
         "data.dataset": "fashion-mnist" if fashion else "digits",
         "train.epochs": 3,
@@ -73,7 +72,7 @@ def project(tmp: Path, device: str) -> Path:
         "evaluate.probe_train_size": 2000,
         "export.provider": "cuda" if device == "cuda" else "cpu",
     }
-    return make_project(tmp / "project", tiny=False, **params)
+    return sandbox.copy_project(tmp / "project", params)
 
 
 def step_pipeline(repo: Path, env: dict) -> dict:
@@ -105,11 +104,10 @@ def step_inference(repo: Path, env: dict, tmp: Path) -> str:
 
 
 def step_serve(repo: Path, env: dict, tmp: Path, provider: str) -> dict:
-    from _project import served
-
     uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
     log = tmp / "serve.log"
-    with served("models:/vae-decoder/1", uri, log, {"VAEPIPE_PROVIDER": provider}) as url:
+    serve_env = {**env, "MLFLOW_TRACKING_URI": uri, "VAEPIPE_PROVIDER": provider}
+    with sandbox.served("models:/vae-decoder/1", serve_env, log) as url:
         z = [[0.0] * yaml.safe_load((repo / "params.yaml").read_text())["model"]["latent_dim"]]
         req = urllib.request.Request(
             url, json.dumps({"inputs": z}).encode(), {"Content-Type": "application/json"}
@@ -128,22 +126,26 @@ def step_core(device: str, epochs: int = 3) -> dict:
 
     import torch
 
-    from vaepipe import config, data, export, metrics, runtime
+    from vaepipe import config
+    from vaepipe.data import arrays, sources
     from vaepipe.errors import DataError
-    from vaepipe.model import VAE, VAEConfig
-    from vaepipe.train import fit
+    from vaepipe.evaluation import likelihood
+    from vaepipe.export import graphs
+    from vaepipe.inference import runtime
+    from vaepipe.model.vae import VAE, VAEConfig
+    from vaepipe.training.loop import fit
 
     params = config.load(ROOT / "params.yaml")
     root = str(ROOT / "data" / "raw")
     cfg = dataclasses.replace(params.data, dataset="fashion-mnist", download=False, root=root)
     try:
-        data.locate_idx(cfg)
+        sources.locate_idx(cfg)
     except DataError:  # no Fashion-MNIST here (and no network): scikit-learn's digits
         cfg = dataclasses.replace(cfg, dataset="digits")
     dataset = cfg.dataset
     x = {
-        name: torch.from_numpy(data.to_unit(split.x)).to(device)
-        for name, split in data.prepare_splits(cfg).items()
+        name: torch.from_numpy(arrays.to_unit(split.x)).to(device)
+        for name, split in sources.prepare_splits(cfg).items()
     }
     torch.manual_seed(params.train.seed)
     vae = VAE(VAEConfig.from_params(tuple(x["train"].shape[1:]), params.model)).to(device)
@@ -152,17 +154,17 @@ def step_core(device: str, epochs: int = 3) -> dict:
     vae.eval()
     test = torch.bernoulli(x["test"][:1000], generator=torch.Generator(device).manual_seed(0))
     t0 = time.perf_counter()
-    nll = -metrics.iwae_log_likelihood(vae, test, 500).mean().item()
+    nll = -likelihood.iwae_log_likelihood(vae, test, 500, seed=0).mean().item()
     nll_s = time.perf_counter() - t0
     ex = params.export
-    eps = metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
+    eps = likelihood.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
     policy = "cuda" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as d:
-        files = export.export_models(
+        files = graphs.export_models(
             vae, Path(d), ex.opset, {"dataset": dataset}, eps, ex.scorer_seed
         )
         sessions = {graph: runtime.open_session(f, policy) for graph, f in files.items()}
-        errs = export.parity_of(vae, sessions, eps)
+        errs = graphs.parity_of(vae, sessions, eps)
     return {
         "dataset": dataset,
         "epoch_s": [round(h.seconds, 2) for h in history],
@@ -171,7 +173,7 @@ def step_core(device: str, epochs: int = 3) -> dict:
         "providers": sorted({sess.provider for sess in sessions.values()}),
         "parity": {g: max(v for k, v in errs.items() if k.startswith(g)) for g in sessions},
         "atol": {
-            g: export.SCORER_ATOL_NATS if g == "scorer" else ex.parity_atol for g in sessions
+            g: graphs.SCORER_ATOL_NATS if g == "scorer" else ex.parity_atol for g in sessions
         },
     }
 

@@ -30,8 +30,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vaepipe import checkpoint, config, export, metrics, runtime
-from vaepipe.model import VAE, DecoderMean, VAEConfig
+from vaepipe import config
+from vaepipe.evaluation import likelihood
+from vaepipe.export import graphs, variants
+from vaepipe.inference import runtime
+from vaepipe.model import checkpoint
+from vaepipe.model.vae import VAE, DecoderMean, VAEConfig
 
 
 def measure(fn, seconds: float, min_calls: int = 30) -> list[float]:
@@ -100,18 +104,18 @@ PARAMS = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
 
 def scorer_noise(vae: VAE) -> torch.Tensor:
     ex = PARAMS.export
-    return metrics.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
+    return likelihood.fixed_noise(ex.scorer_k, vae.noise_dim, ex.scorer_seed)
 
 
-def graphs(vae: VAE, out_dir: Path) -> dict[str, dict[str, Path]]:
+def export_files(vae: VAE, out_dir: Path) -> dict[str, dict[str, Path]]:
     """{graph: {precision: path}}: encoder and decoder in fp32, fp16 and int8, the scorer fp32."""
-    paths = export.export_models(
+    paths = graphs.export_models(
         vae, out_dir, 18, {"dataset": "benchmark"}, scorer_noise(vae), PARAMS.export.scorer_seed
     )
     files = {g: {"fp32": p} for g, p in paths.items()}
     for g in ("encoder", "decoder"):
-        files[g]["fp16"] = export.to_fp16(paths[g], out_dir / f"{g}.fp16.onnx")
-        files[g]["int8"] = export.to_int8(paths[g], out_dir / f"{g}.int8.onnx")
+        files[g]["fp16"] = variants.to_fp16(paths[g], out_dir / f"{g}.fp16.onnx")
+        files[g]["int8"] = variants.to_int8(paths[g], out_dir / f"{g}.int8.onnx")
     return files
 
 
@@ -139,9 +143,9 @@ def _cases(graph, module, files, x, torch_gpu: bool, ort_gpu: bool, trt: bool) -
 
 def bench(vae: VAE, files, batches, seconds: float, torch_gpu: bool, ort_gpu: bool, trt: bool):
     modules = {
-        "encoder": export.EncoderGraph(vae).eval(),
+        "encoder": graphs.EncoderGraph(vae).eval(),
         "decoder": DecoderMean(vae).eval(),
-        "scorer": export.ScorerGraph(vae, scorer_noise(vae)).eval(),
+        "scorer": graphs.ScorerGraph(vae, scorer_noise(vae)).eval(),
     }
     rng = np.random.default_rng(0)
     rows = []
@@ -255,7 +259,7 @@ def main() -> None:
     gpu = torch_gpu or ort_gpu
     trt, trt_reason = runtime.tensorrt_status() if ort_gpu else (False, "")
     with tempfile.TemporaryDirectory() as tmp:
-        files = graphs(vae, Path(tmp))
+        files = export_files(vae, Path(tmp))
         print(machine(gpu), flush=True)
         rows = bench(vae, files, args.batches, args.seconds, torch_gpu, ort_gpu, trt)
     if not torch_gpu:

@@ -5,11 +5,11 @@ binarization, so the difference of two rows is paired: its standard error comes 
 per-image differences, and is far smaller than the ± of each row (which is the spread of the
 images' NLLs). This script scores each model file on those images exactly as the evaluate
 stage does (pipeline/evaluate.py's test set and IWAE estimator, same seeds) and prints each
-NLL and the paired differences against the first model, computed by vaepipe.promotion (the
+NLL and the paired differences against the first model, computed by vaepipe.tracking.promotion (the
 gate of `vaepipe promote`, which pairs the NLLs the evaluate stage logged instead).
 
-    dvc exp apply mlp-elbo && cp models/vae.pt /tmp/mlp-elbo.pt   # one file per experiment
-    python benchmarks/paired_nll.py /tmp/mlp-elbo.pt /tmp/best.pt --k 500 --n 1000
+    dvc exp apply mlp-elbo && cp models/vae.pt /tmp/mlp-objectives.pt   # one file per experiment
+    python benchmarks/paired_nll.py /tmp/mlp-objectives.pt /tmp/best.pt --k 500 --n 1000
 """
 
 from __future__ import annotations
@@ -21,19 +21,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "pipeline"))
 
 import torch  # noqa: E402
-from evaluate import load_test  # noqa: E402
 
-from vaepipe import checkpoint, metrics, promotion  # noqa: E402
 from vaepipe.errors import exit_on_user_error  # noqa: E402
+from vaepipe.evaluation import likelihood  # noqa: E402
+from vaepipe.evaluation.report import load_test  # noqa: E402
+from vaepipe.model import checkpoint  # noqa: E402
+from vaepipe.tracking import promotion  # noqa: E402
 
 
 def per_image_nll(model: Path, k: int, n: int, seed: int) -> torch.Tensor:
     vae, _ = checkpoint.load(model, "cpu")
     inp = load_test(vae, torch.device("cpu"), seed)
-    return -metrics.iwae_log_likelihood(vae, inp.x[:n], k, seed=seed).double()
+    return -likelihood.iwae_log_likelihood(vae, inp.x[:n], k, seed=seed).double()
 
 
 @exit_on_user_error

@@ -27,7 +27,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
+
+import sandbox  # noqa: E402
 
 from vaepipe import config  # noqa: E402
 from vaepipe.errors import ConfigError  # noqa: E402
@@ -59,12 +61,7 @@ atexit.register(_report)
 def make_copy(repo: Path, params: dict, nproc: int) -> None:
     """The project's pipeline in `repo` as a fresh git repo, with the params mapping `params`
     (and the train stage run under torchrun with `nproc` processes when nproc > 1)."""
-    for name in ("pipeline", "src"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    sandbox.copy_project(repo, message="benchmark copy")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if nproc > 1:
         dvc_yaml = repo / "dvc.yaml"
@@ -73,8 +70,9 @@ def make_copy(repo: Path, params: dict, nproc: int) -> None:
             f"torchrun --standalone --nproc_per_node {nproc} pipeline/train.py"
         )
         dvc_yaml.write_text(yaml.safe_dump(stages, sort_keys=False))
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark copy"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        ["git", *sandbox.GIT_IDENTITY, "commit", "-qam", "its params"], cwd=repo, check=True
+    )
 
 
 def stage_names(repo: Path) -> list[str]:

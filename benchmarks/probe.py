@@ -1,7 +1,7 @@
 """A short training run of one configuration and its IWAE NLL: the probe that picks what is worth
 a 30-minute run.
 
-Trains with `vaepipe.train.fit` on the prepare stage's splits (data/prepared/*.npz) with
+Trains with `vaepipe.training.loop.fit` on the prepare stage's splits (data/prepared/*.npz) with
 params.yaml and `-S section.key=value` overrides (YAML values, validated as `dvc exp run -S`
 is), then prints one JSON line: seconds an epoch, the IWAE NLL of the best epoch's weights (nats,
 `--k` samples, the first `--n` test images, binarized with seed 0 for a Bernoulli model), the
@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from vaepipe import config, data, metrics  # noqa: E402
+from vaepipe import config  # noqa: E402
+from vaepipe.data import arrays  # noqa: E402
 from vaepipe.device import resolve_device  # noqa: E402
 from vaepipe.errors import VaepipeError  # noqa: E402
-from vaepipe.model import VAE, VAEConfig  # noqa: E402
-from vaepipe.train import fit  # noqa: E402
+from vaepipe.evaluation import likelihood  # noqa: E402
+from vaepipe.model.vae import VAE, VAEConfig  # noqa: E402
+from vaepipe.training.loop import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                 "model.conditional=true is not probed: its NLL is -log p(x|y), which does not "
                 "rank against the unconditional rows"
             )
-        splits = {k: data.load_split(args.data / f"{k}.npz") for k in ("train", "val", "test")}
+        splits = {k: arrays.load_split(args.data / f"{k}.npz") for k in ("train", "val", "test")}
         dev = resolve_device(p.train.device)  # auto: CUDA where torch sees a GPU, as train does
     except (VaepipeError, OSError) as e:
         print(f"probe: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    x = {k: torch.from_numpy(data.to_unit(v.x)).to(dev) for k, v in splits.items()}
+    x = {k: torch.from_numpy(arrays.to_unit(v.x)).to(dev) for k, v in splits.items()}
     torch.manual_seed(p.train.seed)
     # fit starts a VampPrior's pseudo-inputs from the data
     vae = VAE(VAEConfig.from_params(x["train"].shape[1:], p.model)).to(dev)
@@ -74,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     # measured as the evaluate stage does: one fixed Bernoulli draw for a Bernoulli model
     test = x["test"][: args.n].cpu()
     if p.model.likelihood == "bernoulli":
-        test = data.binarize(test, torch.Generator().manual_seed(0))  # the same draw anywhere
+        test = arrays.binarize(test, torch.Generator().manual_seed(0))  # the same draw anywhere
     test = test.to(dev)
     with torch.no_grad():
-        nll = -metrics.iwae_log_likelihood(vae, test, args.k).mean().item()
+        nll = -likelihood.iwae_log_likelihood(vae, test, args.k, seed=0).mean().item()
     best = hist[-1].best_epoch
     row = {
         "name": args.name,

@@ -13,7 +13,7 @@ with those `-S` flags reproduces it. Training seconds come from the MLflow run (
 wall time is kept out of DVC outputs), with the machine's core count beside them. FID is the
 evaluate stage's `test/fid` (samples of the model's own prior). With --baseline, each row also
 gets its mean per-image NLL difference to that row on the same test images and the standard
-error of that paired difference (vaepipe.promotion, the gate of `vaepipe promote`).
+error of that paired difference (vaepipe.tracking.promotion, the gate of `vaepipe promote`).
 """
 
 from __future__ import annotations
@@ -88,8 +88,7 @@ def paired_to(rows, baseline: str | None) -> dict[str, str]:
     """{experiment: 'diff ± stderr'} against the baseline row, from the runs' per-image NLLs."""
     if not baseline:
         return {}
-    from vaepipe import promotion
-    from vaepipe.tracking import registry
+    from vaepipe.tracking import promotion, registry
 
     def nll(train):
         return promotion.per_image_nll(train.get("run_id", ""), registry.download)

@@ -27,9 +27,9 @@ import dataclasses  # noqa: E402
 import torch  # noqa: E402
 
 from vaepipe import config  # noqa: E402
-from vaepipe.distributed import Step  # noqa: E402
-from vaepipe.elbo import sample_terms  # noqa: E402
-from vaepipe.model import VAE, VAEConfig  # noqa: E402
+from vaepipe.model.objectives import sample_terms  # noqa: E402
+from vaepipe.model.vae import VAE, VAEConfig  # noqa: E402
+from vaepipe.training.distributed import Step  # noqa: E402
 
 STEPS_PER_EPOCH = 422  # ceil(54,000 / 128)
 MODEL = config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
@@ -83,7 +83,7 @@ def step_seconds(
             t0 = time.perf_counter()
         with autocast:  # as vaepipe.train does: the model in bf16, the loss in float32
             s = step(x, torch.randn(shape, device=device))
-        t = sample_terms(x, s.float(), cfg.likelihood, vae.sigma, iwae=bool(k))
+        t = sample_terms(x, s.float(), vae.likelihood, beta=1.0, free_bits=0.0, iwae=bool(k))
         opt.zero_grad(set_to_none=True)
         t.loss.backward()
         opt.step()

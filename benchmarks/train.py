@@ -1,4 +1,4 @@
-"""Training throughput: vaepipe.train.fit (MLflow logging included) against a bare PyTorch loop.
+"""Training throughput: vaepipe.training.loop.fit (MLflow logging included) against a bare loop.
 
 Both train the same model (784-512-256-32 by default) from the same initial weights on the same
 data with batch 128, dynamic binarization on the device, Adam, and one validation pass per epoch
@@ -21,10 +21,8 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib.util
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,33 +31,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vaepipe import config, data, tracking
+from vaepipe import config, tracking
 from vaepipe.config import TrainConfig
+from vaepipe.data import arrays, sources
 from vaepipe.device import set_threads
-from vaepipe.model import VAE, VAEConfig
-from vaepipe.train import fit
+from vaepipe.model.vae import VAE, VAEConfig
+from vaepipe.training import run
+from vaepipe.training.loop import fit
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = config.load(ROOT / "params.yaml")
 
 
-def train_stage():
-    """pipeline/train.py as a module: its per-epoch pictures are part of what the stage costs."""
-    sys.path.insert(0, str(ROOT / "pipeline"))  # where the stage finds its _venv module
-    spec = importlib.util.spec_from_file_location("train_stage", ROOT / "pipeline" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_data(source: str, n: int, n_val: int, device: torch.device):
     """[n, 1, 28, 28] train and [n_val, ...] validation images in [0, 1], on the device."""
     if source == "fashion-mnist":
-        x = data.read_idx(FASHION / "train-images-idx3-ubyte.gz")[:, None]  # [60000, 1, 28, 28]
+        x = sources.read_idx(FASHION / "train-images-idx3-ubyte.gz")[:, None]  # [60000, 1, 28, 28]
         if n + n_val > len(x):
             raise SystemExit(f"--n + --val = {n + n_val} > the {len(x)} Fashion-MNIST images")
-        x = torch.from_numpy(data.to_unit(np.ascontiguousarray(x[: n + n_val])))
+        x = torch.from_numpy(arrays.to_unit(np.ascontiguousarray(x[: n + n_val])))
     else:
         x = torch.rand((n + n_val, 1, 28, 28), generator=torch.Generator().manual_seed(0))
     x = x.to(device)
@@ -144,18 +135,18 @@ def bare_fit(
 
 
 def ours_fit(vae: VAE, x: torch.Tensor, x_val: torch.Tensor, cfg: TrainConfig) -> float:
-    """vaepipe.train.fit as pipeline/train.py calls it; returns the seconds fit took (the run
-    is opened and closed outside the timed span: that cost is in benchmarks/pipeline.py)."""
-    stage = train_stage()
+    """fit with the train stage's per-epoch logging and pictures (training.run); returns
+    the seconds fit took (the run is opened and closed outside the timed span: that cost is in
+    benchmarks/pipeline.py)."""
     with tracking.run("benchmark", tags={"benchmark": "train"}, system_metrics=True):
-        pictures = stage.EpochPictures(vae, x_val, cfg)
+        pictures = run.EpochPictures(vae, x_val, cfg)
 
         def on_epoch_end(stats):
             tracking.log_metrics(stats.metrics(), step=stats.epoch)
             pictures(stats.epoch)
 
         t0 = time.perf_counter()
-        fit(vae, x, x_val, cfg, "dynamic", on_epoch_end, progress=False)
+        fit(vae, x, x_val, cfg, "dynamic", on_epoch_end=on_epoch_end, progress=False)
         sync(x.device)
         return time.perf_counter() - t0
 

@@ -1,9 +1,14 @@
-"""Imported first by every stage script: make sure the stage runs with the project's packages.
+"""Imported first by every stage script: make sure the stage runs with the project's packages,
+and that it stops with the process that started it.
 
 `.venv/bin/dvc repro` without an activated virtualenv runs `python` from PATH, the system
 Python, which has none of them: a ModuleNotFoundError traceback. Here, before any other import,
 the stage re-executes itself with the project's .venv/bin/python when that exists, or ends
-with one line saying what to do. Standard library only.
+with one line saying what to do. Standard library only until then.
+
+Then the stage watches its parent (vaepipe.signals.stop_with_parent): `dvc repro` killed by
+SIGTERM exits without stopping its stage. The parent is read here, before the slow imports, so
+a stage orphaned while it starts stops too.
 """
 
 import importlib.util
@@ -13,6 +18,8 @@ from pathlib import Path
 
 NEEDED = ("vaepipe", "numpy", "yaml", "torch", "mlflow")
 VENV_PYTHON = Path(".venv") / "bin" / "python"
+# the process that started the stage, carried across the re-exec below (and to no child)
+PARENT = int(os.environ.pop("VAEPIPE_STAGE_PARENT", "0")) or os.getppid()
 
 
 def _missing() -> list[str]:
@@ -28,6 +35,7 @@ def ensure() -> None:
     venv_python = root / VENV_PYTHON
     if venv_python.is_file() and not os.environ.get("VAEPIPE_VENV_REEXEC"):
         os.environ["VAEPIPE_VENV_REEXEC"] = "1"  # once: a broken venv must not loop
+        os.environ["VAEPIPE_STAGE_PARENT"] = str(PARENT)
         os.execv(str(venv_python), [str(venv_python), *sys.argv])
     where = f"{venv_python} lacks them too" if venv_python.is_file() else "there is no .venv"
     sys.stderr.write(
@@ -38,3 +46,7 @@ def ensure() -> None:
 
 
 ensure()
+
+from vaepipe import signals  # noqa: E402  (once the packages are there)
+
+signals.stop_with_parent(PARENT)

@@ -11,14 +11,16 @@ import _venv  # noqa: F401  (first: run with the project's packages)
 
 import torch
 
-from vaepipe import config, data, paths, quality
+from vaepipe import config, paths
+from vaepipe.data import arrays
 from vaepipe.device import set_threads
 from vaepipe.errors import exit_on_user_error
-from vaepipe.fileio import atomic_path, write_json
+from vaepipe.evaluation import quality
+from vaepipe.fileio import published, write_json
 
 
-def grey(split: data.Split) -> torch.Tensor:
-    return torch.from_numpy(data.to_unit(split.x))
+def grey(split: arrays.Split) -> torch.Tensor:
+    return torch.from_numpy(arrays.to_unit(split.x))
 
 
 @exit_on_user_error
@@ -26,30 +28,32 @@ def main() -> None:
     params = config.load(paths.PARAMS)
     c = params.classifier
     set_threads(params.train.threads)
-    train, test = data.load_split(paths.prepared("train")), data.load_split(paths.prepared("test"))
+    train, test = (arrays.load_split(paths.prepared(name)) for name in ("train", "test"))
     if train.y is None or test.y is None:
         why = "the dataset has no labels to train a classifier on"
-        with atomic_path(paths.CLASSIFIER) as tmp:
-            torch.save({"skipped": why}, tmp)
-        write_json(paths.CLASSIFIER_METRICS, {"skipped": why})
+        with published(paths.CLASSIFIER, paths.CLASSIFIER_METRICS) as out:
+            torch.save({"skipped": why}, out(paths.CLASSIFIER))
+            write_json(out(paths.CLASSIFIER_METRICS), {"skipped": why})
         print(f"classifier: skipped: {why}")
         return
     y = torch.from_numpy(train.y)
-    model = quality.train_classifier(grey(train), y, c.epochs, c.batch_size, c.lr, c.seed)
+    model = quality.train_classifier(
+        grey(train), y, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=c.seed
+    )
     acc = quality.accuracy(model, grey(test), torch.from_numpy(test.y))
-    with atomic_path(paths.CLASSIFIER) as tmp:
+    with published(paths.CLASSIFIER, paths.CLASSIFIER_METRICS) as out:
         torch.save(
             {
                 "state_dict": model.state_dict(),
                 "channels": int(train.x.shape[1]),
                 "n_classes": int(y.max()) + 1,
             },
-            tmp,
+            out(paths.CLASSIFIER),
         )
-    write_json(
-        paths.CLASSIFIER_METRICS,
-        {"test_accuracy": acc, "features": quality.FEATURES, "epochs": c.epochs},
-    )
+        write_json(
+            out(paths.CLASSIFIER_METRICS),
+            {"test_accuracy": acc, "features": quality.FEATURES, "epochs": c.epochs},
+        )
     print(f"classifier: test accuracy {acc:.4f} after {c.epochs} epochs -> {paths.CLASSIFIER}")
 
 

@@ -4,8 +4,10 @@ import _venv  # noqa: F401  (first: run with the project's packages)
 
 from pathlib import Path
 
-from vaepipe import config, data, paths
+from vaepipe import config, paths
+from vaepipe.data import arrays, sources
 from vaepipe.errors import exit_on_user_error
+from vaepipe.fileio import published
 
 
 def warn_untracked_source(cfg: config.DataConfig) -> None:
@@ -25,13 +27,15 @@ def warn_untracked_source(cfg: config.DataConfig) -> None:
 def main() -> None:
     params = config.load(paths.PARAMS)
     warn_untracked_source(params.data)
-    splits = data.prepare_splits(params.data)
+    splits = sources.prepare_splits(params.data)
+    with published(paths.PREPARED) as out:
+        for name, split in splits.items():
+            arrays.save_split(out(paths.PREPARED) / paths.prepared(name).name, split)
     for name, split in splits.items():
-        data.save_split(paths.prepared(name), split)
         labels = "no labels" if split.y is None else "labels"
         print(
             f"prepare: {name:5s} {split.x.shape} {split.x.dtype}, {labels}, digest "
-            f"{data.digest(split)} -> {paths.prepared(name)}"
+            f"{arrays.digest(split)} -> {paths.prepared(name)}"
         )
 
 

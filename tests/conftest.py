@@ -1,11 +1,118 @@
-import pytest
-import torch
-from _project import vae_cfg
+"""Set-up the tiers share, as fixtures: a tiny model, fresh project copies (a temp git repo
+holding the pipeline), one tiny `dvc repro` per test process that the end-to-end tests read,
+and `mlflow models serve` on 127.0.0.1, stopped by its process group.
 
-from vaepipe.model import VAE
+tests/unit: the library in-process (`make check`, the edit loop); tests/e2e: `dvc repro`, the
+`vaepipe` command and served models on tiny data; tests/stack: real PostgreSQL, S3 store,
+MLflow server and browser. `make test` runs all three.
+"""
+
+import os
+from pathlib import Path
+
+# Under pytest-xdist (`make check`, `make test`) the workers share the cores: one thread each
+# for torch, the BLAS and onnxruntime, in the worker and in the processes its tests start,
+# rather than a pool per worker fighting for the same cores (measured: the same tests take
+# less than half the time). Set before torch and numpy load their thread pools.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+    os.environ.setdefault("VAEPIPE_ORT_THREADS", "1")
+
+import pytest  # noqa: E402
+import sandbox  # noqa: E402
+import torch  # noqa: E402
+from helpers import PIPELINE, TINY_LATENT, clean_env, make_project, sh, vae_cfg
+
+from vaepipe.model.vae import VAE  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import threadpoolctl
+
+    torch.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)  # numpy may have loaded its BLAS already
+
+# How `make test` spreads the tests over pytest-xdist workers (--dist loadscope, with the scopes
+# below): a module runs whole on one worker, in order, so its module fixtures are set up once;
+# the modules that read the shared tiny pipeline run share a worker, and so that one run; the
+# modules whose tests each start their own servers spread test by test.
+SHARED_PIPELINE_RUN = (
+    "tests/e2e/test_pipeline.py",
+    "tests/e2e/test_probe.py",
+    "tests/e2e/test_resume.py",
+)
+TEST_BY_TEST = ("tests/stack/test_team_faults.py", "tests/stack/test_team_machines.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own choice of scheduler
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module in SHARED_PIPELINE_RUN:
+                return "shared pipeline run"
+            return nodeid if module in TEST_BY_TEST else module
+
+    return Scopes(config, log)
 
 
 @pytest.fixture
 def tiny_vae() -> VAE:
     torch.manual_seed(0)
     return VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=3, hidden=[16])).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """decoder.onnx of a tiny 8x8 model with TINY_LATENT dims, exported with the contract."""
+    from vaepipe.export import graphs
+
+    torch.manual_seed(0)
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=TINY_LATENT, hidden=[16])).eval()
+    out = tmp_path_factory.mktemp("onnx")
+    return graphs.export_models(vae, out, opset=18, metadata={"dataset": "digits"})["decoder"]
+
+
+@pytest.fixture(scope="session")
+def new_project(tmp_path_factory):
+    """A factory of fresh project copies: new_project(name, tiny=True, **overrides) -> a
+    committed temp git repo with the pipeline, TINY params (unless tiny=False) and the
+    overrides ({"train.epochs": 2, ...})."""
+
+    def make(name: str = "project", tiny: bool = True, **overrides) -> Path:
+        return make_project(tmp_path_factory.mktemp(name), tiny=tiny, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(new_project):
+    """(repo, the first `dvc repro`'s process) after one tiny run of the whole pipeline (digits,
+    PIPELINE params) under umask 022. Tests that change params put them back."""
+    repo = new_project("pipeline", **PIPELINE)
+    previous = os.umask(0o022)  # the outputs must follow it, whatever the tests' own
+    try:
+        # the system-metrics sampler logs every 10 s by default: longer than this tiny run
+        first = sh(
+            repo, "dvc", "repro", env=clean_env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
+        )
+    finally:
+        os.umask(previous)
+    return repo, first
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """serve(model_uri, tracking_uri, log, extra_env=None): a context manager running `mlflow
+    models serve -m model_uri` on 127.0.0.1 (a free port), up within 90 s, yielding its
+    /invocations URL; stopped by process group at the end (uvicorn survives its parent)."""
+
+    def serve_model(model_uri: str, tracking_uri: str, log: Path, extra_env: dict | None = None):
+        env = {**clean_env(MLFLOW_TRACKING_URI=tracking_uri), **(extra_env or {})}
+        return sandbox.served(model_uri, env, log)
+
+    return serve_model

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
+
+# scheme://user:password@host: the password in a tracking URI, a database URI or a remote
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*):[^\s/@]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with every URI password replaced by ***: messages, tags and logs hold no secret."""
+    return _USERINFO.sub(r"\1:***@", text)
 
 
 class VaepipeError(Exception):
-    """An error caused by the user's input (params, files, payloads), not by a bug."""
+    """An error caused by the user's input (params, files, payloads), not by a bug. Its message
+    never holds a URI's password (it is shown, and recorded in a run's error tag)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(redact(str(message)))
 
 
 class ConfigError(VaepipeError):

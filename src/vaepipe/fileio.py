@@ -1,4 +1,5 @@
-"""Atomic file writes: a stage interrupted mid-write leaves the old file or none, never a part.
+"""Atomic file writes: a stage interrupted mid-write leaves the old file or none, never a part;
+and `published`, through which a stage's outputs appear together or not at all.
 
 Every file the pipeline and the CLI write goes through `atomic_path`, which also gives the new
 file the mode any other tool would (0666 minus the umask: 0644 under umask 022). The temp file
@@ -11,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,77 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# Where a stage writes its outputs before publishing them: beside the project's outputs (same
+# filesystem, so publishing is a rename), inside none of them. Ignored by git.
+STAGING = Path(".vaepipe-staging")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_stale_staging() -> None:
+    """Staging folders of processes that are gone (a stage killed by SIGKILL)."""
+    for d in STAGING.glob("*"):
+        pid = d.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _publish(staged: dict[Path, Path], trash: Path) -> list[Path]:
+    """Move each staged output over its published one (a file: one rename; a folder: the old
+    one moved aside, then the new one in); the outputs published."""
+    done = []
+    for out, new in staged.items():
+        if not new.exists() and not new.is_symlink():
+            continue  # not written by this run: the published one stays
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if new.is_dir() and not new.is_symlink() and out.exists():
+            trash.mkdir(parents=True, exist_ok=True)
+            os.replace(out, trash / f"{len(done)}-{out.name}")
+        os.replace(new, out)
+        done.append(out)
+    return done
+
+
+@contextlib.contextmanager
+def published(*outputs: str | Path) -> Iterator[Callable[[str | Path], Path]]:
+    """Write a stage's `outputs` (files or folders) through the function this yields, which
+    maps each output to its place in a staging folder; when the block ends without an error,
+    all of them replace the published ones together, with SIGINT/SIGTERM held until the last
+    is in place. On an error or an interrupt nothing is published and the staging folder goes.
+    An output the block did not write stays as it was."""
+    from vaepipe import signals
+
+    STAGING.mkdir(exist_ok=True)
+    _clear_stale_staging()
+    root = Path(tempfile.mkdtemp(prefix="stage-", suffix=f"-{os.getpid()}", dir=STAGING))
+    staged = {Path(o): root / "out" / Path(o) for o in outputs}
+
+    def place(path: str | Path) -> Path:
+        """Where to write output `path` (or a folder holding outputs: files written there that
+        are not outputs are dropped)."""
+        path = Path(path)
+        if not any(o == path or path in o.parents for o in staged):
+            raise ValueError(f"{path} holds none of the outputs {sorted(map(str, staged))}")
+        where = root / "out" / path
+        folder = path not in staged or path.is_dir()  # a folder of outputs, or a folder output
+        (where if folder else where.parent).mkdir(parents=True, exist_ok=True)
+        return where
+
+    try:
+        yield place
+        with signals.uninterrupted():
+            _publish(staged, root / "replaced")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            STAGING.rmdir()  # when no other stage is staging

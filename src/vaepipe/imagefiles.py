@@ -85,7 +85,7 @@ def save_images(out: Path, x: np.ndarray, cols: int, arrays: dict[str, np.ndarra
 
 def load_npz(path: Path, keys: tuple[str, ...]) -> tuple[str, np.ndarray, dict]:
     """(key, array) for the first of `keys` in the .npz at `path`, and all its arrays."""
-    from vaepipe.data import read_npz  # no heavier imports at CLI start-up than needed
+    from vaepipe.data.arrays import read_npz  # no heavier imports at CLI start-up than needed
 
     arrays = read_npz(path, "file")
     for k in keys:
@@ -110,13 +110,18 @@ def read_png_folder(folder: Path, shape: tuple) -> tuple[np.ndarray, list[str]]:
     for p in files:
         try:
             with Image.open(p) as im:
+                # the size the header declares, checked before any pixel is decoded
+                if im.size != (w, h):
+                    raise DataError(
+                        f"{p} is {im.size[0]}x{im.size[1]} pixels; the encoder takes {w}x{h}"
+                    )
                 arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{p} is refused unread: {e}") from None
         except OSError as e:
             raise DataError(f"{p} is not a readable PNG: {e}") from None
-        if arr.shape[:2] != (h, w):
-            raise DataError(
-                f"{p} is {arr.shape[1]}x{arr.shape[0]} pixels; the encoder takes {w}x{h}"
-            )
+        if arr.shape[:2] != (h, w):  # a file whose pixels are fewer than its header says
+            raise DataError(f"{p} does not hold the {w}x{h} pixels its header declares")
         images.append(arr.reshape(h, w, c).transpose(2, 0, 1))
     return np.stack(images), [p.name for p in files]
 

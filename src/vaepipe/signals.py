@@ -5,14 +5,17 @@ for both: the MLflow run is closed KILLED and training saves where it stands. Wh
 is active, a signal raises KeyboardInterrupt at once. Inside `deferred()` (the training loop)
 the first signal only sets a flag that the loop checks between optimizer steps, so an
 interruption never lands inside optimizer.step() (a half-updated model cannot be resumed
-exactly); a second signal interrupts at once.
+exactly); a second signal interrupts at once. Inside `uninterrupted()` (a store call, the
+publication of outputs) a signal waits for the end of the block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -86,3 +89,44 @@ def deferred() -> Iterator[Deferred]:
             _state.deferring -= 1
             if _state.deferring == 0:
                 _state.requested = None
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Work a signal must not cut in two (a call to the MLflow store, whose database would stay
+    locked by a half-done transaction; the publication of a stage's outputs): a SIGINT/SIGTERM
+    arriving inside waits until the block ends and then raises as it would have; a second one
+    raises at once. Inside `deferred()` the signal stays deferred to the training loop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with handled():
+        nested = _state.deferring > 0
+        _state.deferring += 1
+        try:
+            yield
+        finally:
+            _state.deferring -= 1
+            pending = _state.requested
+            if not nested:
+                _state.requested = None
+        if pending and not nested:
+            raise KeyboardInterrupt(pending)
+
+
+def stop_with_parent(parent: int, every: float = 0.5) -> None:
+    """Stop this process (SIGTERM to itself, which stops a stage as Ctrl-C does: its MLflow
+    run closed KILLED, nothing published) once `parent`, the process that started it, is
+    gone: at once if it already is, else when a daemon thread sees this process re-parented."""
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    def watch() -> None:
+        while not orphaned():
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if orphaned():
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="vaepipe-parent-watch", daemon=True).start()

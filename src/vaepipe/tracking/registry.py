@@ -1,25 +1,63 @@
 """Models in MLflow: ONNX graphs logged as servable models, registered and tagged.
 
 A logged graph is an ordinary ONNX-flavour model (mlflow.onnx.load_model and the raw model.onnx
-work) whose python_function flavour names `vaepipe.serving` as its loader_module, with the
-serving limits as its model_config and the vaepipe package copied in (code_paths), so it loads
-wherever it is served. Only the name of the serving module is needed here: editing serving.py
-reruns no stage. Every call goes through vaepipe.tracking's retry policy.
+work) whose python_function flavour names `vaepipe.inference.serving` as its loader_module, with
+the serving limits as its model_config and the vaepipe package copied in (code_paths), so it
+loads wherever it is served, through its own copy. Only the name of the serving module is needed
+here: editing serving.py reruns no stage. Every call goes through the store's retry policy.
+
+A registered version is complete or invisible: it is created with every version tag, the
+digest of its graph (`onnx_sha256`), the id of the export it belongs to (`export_id`, shared by
+the encoder, decoder and scorer of one export) and `complete=false`; its description (the
+model card) follows, and `complete=true` is set last. `versions` lists only complete ones (and
+those registered before these tags, which have a `dataset` tag and a description); export
+reuses or finishes the version of the same run and graph instead of registering it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from vaepipe.tracking import call
+from vaepipe.tracking.store import TrackingError, call
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/vaepipe, copied into every model
-LOADER_MODULE = "vaepipe.serving"
+LOADER_MODULE = "vaepipe.inference.serving"
 MLMODEL = "MLmodel"
+# version tags of a registration (beside release.version_tags' description of the model)
+GRAPH_DIGEST = "onnx_sha256"  # SHA-256 of the registered model.onnx
+EXPORT_ID = "export_id"  # the export the version belongs to: its run and its three graphs
+COMPLETE = "complete"  # "false" from creation until tags and description are all there
+PER_IMAGE = "per_image_nll"  # the run's artifact of per-image NLLs the version was judged on
+
+
+def per_image_path(k: int, n: int, seed: int, digest: str) -> str:
+    """The run artifact the evaluate stage logs each image's NLL under, named by its protocol
+    (k samples, the first n test images, evaluate.seed, the test data's digest)."""
+    return f"evaluation/per_image_nll/k{k}-n{n}-seed{seed}-{digest}.npz"
+
+
+def file_digest(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_complete(version) -> bool:
+    """Whether a version's registration finished: `complete=true`, or (a version registered
+    before that tag existed) a `dataset` tag and a description."""
+    tags = version.tags or {}
+    if COMPLETE in tags:
+        return tags[COMPLETE] == "true"
+    return "dataset" in tags and bool(version.description)
 
 
 def _requirements() -> list[str]:
@@ -43,8 +81,8 @@ def save_model(
     serve_config: dict[str, Any] | None = None,
     **onnx_kwargs,
 ) -> None:
-    """mlflow.onnx.save_model, then point python_function at vaepipe.serving (Model.log calls
-    this through `flavor.save_model`)."""
+    """mlflow.onnx.save_model, then point python_function at vaepipe.inference.serving
+    (Model.log calls this through `flavor.save_model`)."""
     import mlflow.onnx
     import onnx
     from mlflow.models import Model
@@ -77,8 +115,9 @@ def log_model(
 ):
     """Log (and register, given a name) an ONNX graph with the checked pyfunc; ModelInfo.
 
-    `serve_config` (vaepipe.serving.DEFAULT_CONFIG's keys) becomes the pyfunc model_config; it
-    is not passed as `model_config`, which Model.log would also write into the run's params.
+    `serve_config` (vaepipe.inference.serving.DEFAULT_CONFIG's keys) becomes the pyfunc
+    model_config; it is not passed as `model_config`, which Model.log would also write into the
+    run's params.
     """
     from mlflow.models import Model
 
@@ -100,19 +139,18 @@ def log_onnx_model(
     feeds: dict,
     outputs: dict,
     *,
-    registered_model_name: str = "",
     providers: list[str],
     serve_config: dict[str, Any],
-) -> str | None:
+) -> str:
     """Log an ONNX graph as an MLflow model with signature and input example, servable with
-    payload checks (vaepipe.serving); register it when a name is given. Returns the version."""
+    payload checks (vaepipe.inference.serving); its model URI (`register_version` registers
+    it)."""
     from mlflow.models import infer_signature
 
     info = call(
         lambda: log_model(
             onnx_path,
             name,
-            registered_model_name=registered_model_name or None,
             signature=infer_signature(feeds, outputs),
             input_example=feeds,
             onnx_execution_providers=providers,
@@ -120,7 +158,19 @@ def log_onnx_model(
         ),
         f"logging model {name}",
     )
-    return str(info.registered_model_version) if registered_model_name else None
+    return info.model_uri
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, Any]) -> str:
+    """A new version of registered model `name` holding the logged model, created with `tags`
+    in the same call (no version without them); its number."""
+    import mlflow
+
+    version = call(
+        lambda: mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}),
+        f"registering {name}",
+    )
+    return str(version.version)
 
 
 def set_model_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
@@ -144,18 +194,86 @@ def describe_version(name: str, version: str, markdown: str) -> None:
     )
 
 
+def finish_version(
+    name: str, version: str, tags: dict[str, Any], markdown: str, have: dict[str, str]
+) -> None:
+    """Make a registered version complete: the tags it lacks or has other values of (`have`:
+    those it has), its description, then `complete=true`, last, so that an interruption
+    leaves it invisible."""
+    missing = {k: v for k, v in tags.items() if k != COMPLETE and have.get(k) != str(v)}
+    set_model_version_tags(name, version, missing)
+    describe_version(name, version, markdown)
+    set_model_version_tags(name, version, {COMPLETE: "true"})
+
+
+def versions_of_run(name: str, run_id: str) -> list:
+    """Every version of `name` registered from run `run_id`, complete or not, oldest first."""
+    import mlflow
+
+    found = call(
+        lambda: mlflow.MlflowClient().search_model_versions(
+            f"name = '{name}' and run_id = '{run_id}'"
+        ),
+        f"listing versions of {name} of run {run_id}",
+    )
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def stored_digest(name: str, version: str) -> str | None:
+    """SHA-256 of the model.onnx a version holds, or None when the store has none to give."""
+    import mlflow
+
+    def read() -> str | None:
+        uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{uri.rstrip('/')}/model.onnx", dst_path=d
+                )
+            except OSError:  # a local artifact store without the file
+                return None
+            return file_digest(local)
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return call(read, f"reading the graph of {name} v{version}")
+    except TrackingError as e:
+        if "refused" in str(e):  # no such file: not this graph
+            return None
+        raise
+
+
+def existing_version(name: str, run_id: str, digest: str, export_id: str):
+    """The version of `name` that already holds this graph of this export of run `run_id`,
+    complete ones first; else an untagged version of the run (an interrupted registration, or
+    one made before graph digests were tagged) whose model.onnx has this digest; else None."""
+    mine = versions_of_run(name, run_id)
+    same = [
+        v
+        for v in mine
+        if v.tags.get(GRAPH_DIGEST) == digest and v.tags.get(EXPORT_ID) == export_id
+    ]
+    if same:
+        return min(same, key=lambda v: (not is_complete(v), int(v.version)))
+    for v in mine:
+        if GRAPH_DIGEST not in v.tags and stored_digest(name, str(v.version)) == digest:
+            return v
+    return None
+
+
 # --- reading the registry (vaepipe promote) ---------------------------------------------------
 
 
-def versions(name: str) -> list:
-    """Every version of registered model `name` (MLflow ModelVersion objects), oldest first;
-    [] when the model is not registered at all."""
+def versions(name: str, include_incomplete: bool = False) -> list:
+    """The complete versions of registered model `name` (MLflow ModelVersion objects; every
+    version with include_incomplete), oldest first; [] when the model is not registered."""
     import mlflow
 
     found = call(
         lambda: mlflow.MlflowClient().search_model_versions(f"name = '{name}'"),
         f"listing versions of {name}",
     )
+    found = found if include_incomplete else [v for v in found if is_complete(v)]
     return sorted(found, key=lambda v: int(v.version))
 
 

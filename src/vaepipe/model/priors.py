@@ -1,0 +1,103 @@
+"""Priors p(z) of the top latent layer: N(0, I), the VampPrior, a learned mixture of Gaussians.
+
+Each has log_prob(z) (nats, summed over the last dim, for z [..., D]) and sample(eps, u): a
+draw from the prior as a deterministic function of standard-normal noise eps [B, D] and
+uniforms u [B] (which component), so the exported prior.onnx has no random op and a caller
+draws the noise. The VampPrior (Tomczak & Welling 2018) is the mixture (1/K) sum_k
+q(z | u_k) of the encoder's posteriors at K learned pseudo-inputs u_k; the mixture of
+Gaussians has learned means, variances and weights. Both are what the ELBO's KL term is taken
+against, as a single-sample estimate log q(z|x) - log p(z) (no closed form).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vaepipe.model.gaussian import mixture_log_prob, reparameterize, standard_log_prob
+
+
+def pick(u: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """The component index of each uniform u [B] in [0, 1) under weights exp(log_weights) [K]:
+    a one-hot [B, K] (searchsorted on the cumulative weights, written with comparisons so it
+    exports to ONNX)."""
+    cdf = torch.cumsum(torch.softmax(log_weights, dim=0), dim=0)  # [K]
+    below = (u[:, None] >= cdf[None, :]).to(u.dtype)  # [B, K]: components passed
+    index = below.sum(-1).clamp(max=len(cdf) - 1)  # [B]
+    return (index[:, None] == torch.arange(len(cdf), device=u.device)[None, :]).to(u.dtype)
+
+
+class StandardPrior(nn.Module):
+    """N(0, I): no parameters (model files without a prior load unchanged)."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return standard_log_prob(z)
+
+    def sample(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return eps + 0 * u[:, None]  # u unused, but an input of prior.onnx all the same
+
+
+class MogPrior(nn.Module):
+    """sum_k w_k N(mu_k, diag(var_k)), K components with learned means, log-variances and
+    weights (softmax of logits). Starts as N(0, I) spread: means N(0, 1), unit variances."""
+
+    def __init__(self, latent_dim: int, components: int):
+        super().__init__()
+        self.mu = nn.Parameter(torch.randn(components, latent_dim))
+        self.logvar = nn.Parameter(torch.zeros(components, latent_dim))
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return mixture_log_prob(z, self.mu, self.logvar, torch.log_softmax(self.logits, 0))
+
+    def sample(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        onehot = pick(u, self.logits)  # [B, K]
+        return reparameterize(onehot @ self.mu, onehot @ self.logvar, eps)
+
+
+class VampPrior(nn.Module):
+    """(1/K) sum_k q(z | u_k): the encoder's posteriors at K learned pseudo-inputs u_k, images
+    kept in [0, 1] as the sigmoid of free parameters. `encode` is the model's encoder (x ->
+    mu, logvar of the top layer); it is passed in, not owned, so its weights are not copied."""
+
+    def __init__(self, latent_dim: int, components: int, image_shape, encode):
+        super().__init__()
+        # small noise around grey 0.5; training.loop starts them at training images
+        self.raw = nn.Parameter(0.01 * torch.randn(components, *image_shape))
+        self._encode = [encode]  # a list: not registered as a submodule (no double weights)
+        self.register_buffer("log_w", torch.full((components,), -math.log(components)))
+
+    def init_from(self, images: torch.Tensor) -> None:
+        """Start the pseudo-inputs at K training images (Tomczak & Welling's better start)."""
+        with torch.no_grad():
+            p = images[: len(self.raw)].clamp(0.05, 0.95)
+            self.raw[: len(p)] = torch.log(p) - torch.log1p(-p)
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._encode[0](torch.sigmoid(self.raw))  # ([K, D], [K, D])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.components()
+        return mixture_log_prob(z, mu, logvar, self.log_w)
+
+    def sample(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.components()
+        onehot = pick(u, self.log_w)
+        return reparameterize(onehot @ mu, onehot @ logvar, eps)
+
+
+def make_prior(cfg, encode) -> nn.Module:
+    """p(z) of the top layer for a VAEConfig; `encode`: the model's encoder (the VampPrior's
+    components are its posteriors)."""
+    kind, latent_dim, components = cfg.prior, cfg.latent_dim, cfg.prior_components
+    if kind == "vamp":
+        return VampPrior(latent_dim, components, cfg.image_shape, encode)
+    if kind == "mog":
+        return MogPrior(latent_dim, components)
+    return StandardPrior(latent_dim)

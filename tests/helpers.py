@@ -1,0 +1,163 @@
+"""Plain functions the tests share: the project's params as configs (params.yaml is the one
+source of defaults, here too), commands run in a project copy, and tiny data. Set-up that has
+a lifetime (project copies, a pipeline run, servers) is a fixture in conftest.py."""
+
+import copy
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sandbox
+import yaml
+
+from vaepipe import config
+from vaepipe.model.vae import VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# The per-epoch MLflow metric names of DESIGN.md.
+PER_EPOCH_METRICS = (
+    "train/loss",
+    "train/recon",
+    "train/kl",
+    "train/elbo",
+    "val/recon",
+    "val/kl",
+    "val/elbo",
+    "beta",
+    "lr",
+)
+TINY = {
+    "data.dataset": "digits",
+    "model.hidden": [32],
+    "model.latent_dim": 4,
+    "train.epochs": 3,
+    "train.batch_size": 64,
+    "evaluate.iwae_k": 8,
+}
+TINY_LATENT = 3  # latent dims of conftest's tiny_decoder
+# The shared pipeline run of conftest.py: TINY params and training long enough (a few seconds on
+# digits) to interrupt in the middle of it; pictures at epochs 1, 20 and 40.
+PIPELINE_EPOCHS = 40
+PIPELINE = {
+    **TINY,
+    "train.epochs": PIPELINE_EPOCHS,
+    "train.batch_size": 16,
+    "train.threads": 1,
+    "model.hidden": [64],
+    "train.image_every": 20,
+}
+
+
+# --- params: params.yaml is the one source of defaults, in the tests too ------------------------
+
+
+@functools.cache
+def _params_yaml() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def params_dict(overrides=None):
+    """params.yaml's mapping with `overrides` ({section: {key: value}}) laid over it; anything
+    that is not a mapping replaces what it overrides, so bad shapes reach the validation."""
+
+    def merge(base, top):
+        if not isinstance(base, dict) or not isinstance(top, dict):
+            return copy.deepcopy(top)
+        out = copy.deepcopy(base)
+        for k, v in top.items():
+            out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+
+    return merge(_params_yaml(), {} if overrides is None else overrides)
+
+
+def params(**sections) -> config.Params:
+    """Validated Params: params.yaml with per-section overrides, e.g. params(train={...})."""
+    return config.from_dict(params_dict(sections))
+
+
+def train_cfg(**overrides) -> config.TrainConfig:
+    return dataclasses.replace(params().train, **overrides)
+
+
+def data_cfg(**overrides) -> config.DataConfig:
+    return dataclasses.replace(params().data, **overrides)
+
+
+def vae_cfg(image_shape=(1, 8, 8), n_classes: int = 0, **overrides) -> VAEConfig:
+    """params.yaml's model section (hidden, latent_dim, ... overridable) for images of
+    `image_shape` (and n_classes labels, for a conditional model)."""
+    model = dataclasses.replace(params().model, **overrides)
+    return VAEConfig.from_params(image_shape, model, n_classes)
+
+
+# --- a project copy ----------------------------------------------------------------------------
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(extra)
+    return env
+
+
+def sh(cwd, *args, check=True, env=None, timeout=600):
+    proc = subprocess.run(
+        args, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, **overrides):
+    sandbox.set_params(repo, overrides)
+
+
+def make_project(repo: Path, tiny: bool = True, **overrides) -> Path:
+    """The pipeline in `repo` as a fresh git repo with tiny params (TINY, unless tiny=False)
+    and the overrides; conftest's `new_project` fixture makes one in a temp dir."""
+    return sandbox.copy_project(repo, {**(TINY if tiny else {}), **overrides}, "init")
+
+
+def proto_data(n: int = 600, seed: int = 0):
+    """(train, val) float images [N, 1, 8, 8]: noisy copies of 4 random prototypes, val the
+    last 100: a tiny set a VAE learns in a few epochs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(4, 1, 8, 8, generator=g)
+    x = protos[torch.randint(0, 4, (n,), generator=g)] * 0.9 + 0.05
+    return x[: n - 100], x[n - 100 :]
+
+
+free_port = sandbox.free_port
+
+
+def decoder_signature(path: Path):
+    """(an input example, the MLflow signature) of a decoder.onnx, from a run of it."""
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    from vaepipe.inference import runtime
+
+    sess = runtime.open_session(path, "cpu")
+    z = np.random.default_rng(0).standard_normal((2, sess.input_shape()[1]), dtype=np.float32)
+    x = sess.run({"z": z})[0]
+    return {"z": z}, infer_signature({"z": z}, {"x_mean": x})
+
+
+def fake_ort_web(tmp: Path) -> Path:
+    """Stand-ins for onnxruntime-web's files (the dist/ folder `vaepipe site` copies): what the
+    build copies, not what a browser runs."""
+    from vaepipe.inference import site
+
+    dist = tmp / "onnxruntime-web" / "dist"
+    dist.mkdir(parents=True)
+    for name in site.RUNTIME_FILES:
+        (dist / name).write_text("// stand-in\n")
+    (dist.parent / "package.json").write_text('{"version": "0.0.0-test"}')
+    return dist

@@ -1,0 +1,137 @@
+"""A real `mlflow server` on 127.0.0.1 as the team's store: two projects log to it at once, its
+REST API answers for them, and `mlflow ui` renders their runs in Chromium."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import clean_env, free_port, sh
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    store = tmp_path / "server"
+    store.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise AssertionError("mlflow server did not start") from None
+            time.sleep(0.5)
+    yield url, store
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_two_processes_log_to_a_shared_mlflow_server(tmp_path, mlflow_server, new_project):
+    url, store = mlflow_server
+    env = clean_env(MLFLOW_TRACKING_URI=url)
+    repos = [
+        new_project(f"repo{i}", **{"train.threads": 1, "model.latent_dim": d})
+        for i, d in enumerate((2, 4))
+    ]
+    procs = [
+        subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=r,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in repos
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+    assert not (repos[0] / "mlruns").exists()  # nothing went to a local store
+    exp = api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaepipe")
+    exp_id = exp["experiment"]["experiment_id"]
+    runs = api(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+    assert sorted(r["info"]["status"] for r in runs) == ["FINISHED", "FINISHED"]
+    dims = sorted(
+        next(p["value"] for p in r["data"]["params"] if p["key"] == "model.latent_dim")
+        for r in runs
+    )
+    assert dims == ["2", "4"]
+    for r in runs:
+        assert {"test/nll_iwae", "train/elbo"} <= {m["key"] for m in r["data"]["metrics"]}
+    assert len(list((store / "artifacts").rglob("reconstructions.png"))) == 2
+    # The same server is `mlflow ui`: its page and the runs view answer.
+    with urllib.request.urlopen(url + "/", timeout=30) as resp:
+        assert resp.status == 200 and b"<html" in resp.read().lower()
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+def test_mlflow_ui_runs_page_screenshot(tmp_path, mlflow_server, new_project):
+    url, _ = mlflow_server
+    repo = new_project("repo", **{"train.threads": 1})
+    sh(repo, "dvc", "repro", env=clean_env(MLFLOW_TRACKING_URI=url))
+    exp_id = api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaepipe")[
+        "experiment"
+    ]["experiment_id"]
+    shot = Path(os.environ.get("VAEPIPE_SCREENSHOT", tmp_path / "runs.png"))
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--window-size=1600,1000",
+            "--virtual-time-budget=15000",
+            f"--screenshot={shot}",
+            f"{url}/#/experiments/{exp_id}/runs",
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert shot.is_file() and shot.stat().st_size > 20_000  # a rendered page, not a blank one

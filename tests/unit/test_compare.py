@@ -1,0 +1,60 @@
+"""`vaepipe runs`: the table and plot of a real MLflow store's runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import clean_env
+
+
+@pytest.fixture
+def store(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("vaepipe", artifact_location=(tmp_path / "a").as_uri())
+    for name, dim, beta, nll, status in [
+        ("a", 2, 1.0, 263.6, "FINISHED"),
+        ("b", 8, 1.0, 245.3, "FINISHED"),
+        ("c", 8, 4.0, 251.0, "FINISHED"),
+        ("d", 32, 1.0, None, "FAILED"),
+    ]:
+        run = client.create_run(exp, run_name=name)
+        client.log_param(run.info.run_id, "model.latent_dim", dim)
+        client.log_param(run.info.run_id, "train.beta", beta)
+        if nll is not None:
+            client.log_metric(run.info.run_id, "test/nll_iwae", nll)
+            client.log_metric(run.info.run_id, "test/active_units", dim // 2)
+        client.set_terminated(run.info.run_id, status)
+    return uri
+
+
+def vaepipe(uri, *args):
+    exe = str(Path(sys.executable).parent / "vaepipe")
+    return subprocess.run(
+        [exe, "runs", *args],
+        env=clean_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_table_sorted_by_metric_and_plot(store, tmp_path):
+    out = tmp_path / "cmp.png"
+    proc = vaepipe(store, "--sort", "test/nll_iwae", "--plot", str(out), "--x", "model.latent_dim")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[2:6]]
+    assert rows == ["b", "c", "a", "d"]  # best NLL first, the failed run (no NLL) last
+    assert "FAILED" in proc.stdout and "test/nll_iwae" in proc.stdout.splitlines()[0]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_sort_key_and_experiment_are_clear_errors(store):
+    proc = vaepipe(store, "--sort", "test/nll")
+    assert proc.returncode == 2 and "cannot sort by 'test/nll'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = vaepipe(store, "--experiment", "nope")
+    assert proc.returncode == 2 and "no experiment 'nope'" in proc.stderr

@@ -1,0 +1,91 @@
+"""SIGINT/SIGTERM: one handler for the stages (vaepipe.signals), two modes."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from vaepipe import signals
+
+
+def test_handled_turns_sigterm_into_keyboard_interrupt_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), signals.handled():
+        with signals.handled():  # nested (a run inside a run): still one handler
+            assert signal.getsignal(signal.SIGTERM) is signals._handler
+        assert signal.getsignal(signal.SIGTERM) is signals._handler
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_deferred_flags_the_first_signal_and_raises_on_the_second():
+    with signals.handled(), signals.deferred() as interrupts:
+        assert interrupts.requested is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.requested == "SIGINT"  # nothing raised: the step finishes
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            interrupts.check()
+        with pytest.raises(signals.InterruptedAtOnce, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    # a fresh block starts with no request, and outside one a signal raises at once again
+    with signals.deferred() as interrupts:
+        assert interrupts.requested is None
+    with pytest.raises(KeyboardInterrupt), signals.handled():
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_uninterrupted_holds_a_signal_until_the_block_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), signals.uninterrupted():
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append("the rest of the block")  # still runs
+    assert done == ["the rest of the block"]
+    with pytest.raises(signals.InterruptedAtOnce), signals.uninterrupted():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one: at once
+        done.append("not reached")
+    assert done == ["the rest of the block"]
+    with signals.uninterrupted():
+        pass  # nothing pending: nothing raised
+
+
+# A stage (the grandchild) whose parent (the launcher) exits: with the launcher's pid given,
+# it stops whether the launcher is gone before the watch begins or after.
+STAGE = """
+import sys, time
+from vaepipe import signals
+time.sleep(float(sys.argv[2]))
+signals.stop_with_parent(int(sys.argv[1]))
+time.sleep(60)
+"""
+LAUNCHER = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize(("stage_waits", "parent_lives"), [(0.0, 1.5), (1.5, 0.0)])
+def test_a_stage_stops_when_its_parent_is_gone(stage_waits, parent_lives):
+    import subprocess
+    import sys
+    import time
+
+    launcher = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, STAGE, str(stage_waits), str(parent_lives)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    pid = int(launcher.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return  # gone
+        if state == "Z":
+            return  # ended, not yet reaped by whoever adopted it
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the orphaned stage kept running")

@@ -1,0 +1,90 @@
+"""Store resolution and a damaged store (real sqlite files, no server)."""
+
+import pytest
+
+from vaepipe import tracking
+from vaepipe.tracking import store
+
+
+def test_store_follows_dvc_root_then_the_project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "real-root"))
+    assert (
+        tracking.tracking_uri() == f"sqlite:///{tmp_path / 'real-root' / 'mlruns' / 'mlflow.db'}"
+    )
+    uri = tracking.tracking_uri()
+    assert store.artifact_location(uri) == (tmp_path / "real-root/mlruns/artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert store.artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_damaged_store_is_a_clear_error_and_left_as_it_was(tmp_path, monkeypatch):
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    db.write_bytes(b"not a database")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    with pytest.raises(
+        tracking.TrackingError, match="cannot be read as an MLflow database.*'vaepipe'"
+    ):
+        tracking.setup("vaepipe")
+    assert db.read_bytes() == b"not a database"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_named_at_setup(monkeypatch):
+    import time
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingError, match=f"MLflow tracking server {uri}"):
+        tracking.setup("vaepipe")
+    assert time.perf_counter() - start < 10
+
+
+def test_every_call_retries_then_names_the_store_and_what_it_was_doing(monkeypatch):
+    """A server that went away after setup: each logging call gives up within its bounded
+    retries with one message, however MLflow wrapped the connection error."""
+    import mlflow
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(store, "RETRY_DELAY", 0.01)
+    attempts = []
+
+    def list_experiments():
+        attempts.append(1)
+        return mlflow.MlflowClient(uri).search_experiments()
+
+    with pytest.raises(tracking.TrackingError) as e:
+        tracking.call(list_experiments, "reading experiments")
+    assert str(e.value).startswith(f"MLflow store {uri} is unreachable while reading experiments")
+    assert len(attempts) == store.RETRY_ATTEMPTS
+    assert "\n" not in str(e.value)
+
+
+def test_a_transient_error_is_retried_and_a_bug_is_not(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(store, "RETRY_DELAY", 0.001)
+    answers = iter([MlflowException("(sqlite3.OperationalError) database is locked")] * 2)
+
+    def flaky():
+        err = next(answers, None)
+        if err is not None:
+            raise err
+        return "logged"
+
+    assert tracking.call(flaky, "logging metrics") == "logged"
+    with pytest.raises(ZeroDivisionError):  # our bug: a traceback, not a disguised store error
+        tracking.call(lambda: 1 / 0, "logging metrics")
