@@ -123,12 +123,17 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple
     return precision, recall
 
 
+FULL_COVARIANCE_DIMS = 256  # 10 components x 256^2 floats: 2.6 MB; at 100,000 dims, 373 GiB
+
+
 def aggregate_posterior_sampler(mu: np.ndarray, components: int, seed: int):
     """A sampler of z from a Gaussian mixture fitted to training codes mu [N, D] (the
     aggregate posterior, which the decoder saw): n -> [n, D] float32."""
     from sklearn.mixture import GaussianMixture
 
-    gmm = GaussianMixture(min(components, len(mu)), covariance_type="full", random_state=seed)
+    # a full covariance holds D x D numbers per component: for wider codes, a diagonal one
+    kind = "full" if mu.shape[1] <= FULL_COVARIANCE_DIMS else "diag"
+    gmm = GaussianMixture(min(components, len(mu)), covariance_type=kind, random_state=seed)
     gmm.fit(mu)
 
     def sample(n: int) -> np.ndarray:
