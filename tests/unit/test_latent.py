@@ -116,3 +116,20 @@ def test_interpolation_ends_at_both_codes_and_pairs_cross_classes(tiny_vae):
     assert all(i != j for i, j in latent.pick_pairs(None, 5, 3, seed=0))
     images = latent.interpolation_images(tiny_vae, torch.rand(5, 1, 8, 8), pairs, steps=6)
     assert images.shape == (4 * 8, 1, 8, 8)
+
+
+def test_wide_latents_are_scored_on_their_first_principal_components():
+    """A 100,000-dim probe would run for many minutes; the scores stay defined and bounded."""
+    from vaepipe.evaluation import latent
+
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 3, 60), rng.integers(0, 3, 30)
+    wide = latent.MAX_SCORED_DIMS * 4
+    # as a wide VAE's codes are: a few active dims holding the class, the rest nearly constant
+    mu_train, mu_test = (0.01 * rng.standard_normal((n, wide)) for n in (60, 30))
+    mu_train[:, :3] += np.eye(3)[y_train] * 3 + 0.3 * rng.standard_normal((60, 3))
+    mu_test[:, :3] += np.eye(3)[y_test] * 3 + 0.3 * rng.standard_normal((30, 3))
+    scores = latent.latent_quality(mu_train, y_train, mu_test, y_test, knn_k=3, seed=0)
+    assert set(scores.scores) >= {"probe_accuracy", "knn_accuracy", "kmeans_nmi", "silhouette"}
+    assert all(-1 <= v <= 1 for v in scores.scores.values())
+    assert scores.scores["knn_accuracy"] > 0.9  # the class is in the leading components

@@ -58,3 +58,10 @@ def test_aggregate_posterior_sampler_is_seeded_and_fits_the_codes():
     z = sample(4000)
     assert np.array_equal(z, sample(4000)) and z.dtype == np.float32
     assert abs((z[:, 0] > 0).mean() - 0.5) < 0.05 and abs(np.abs(z[:, 0]).mean() - 4) < 0.1
+
+
+def test_wide_codes_get_a_diagonal_mixture_of_bounded_size():
+    """At 100,000 latent dims a full covariance per component would be 373 GiB."""
+    mu = np.random.default_rng(0).standard_normal((40, quality.FULL_COVARIANCE_DIMS + 1))
+    sample = quality.aggregate_posterior_sampler(mu.astype(np.float32), 3, seed=0)
+    assert sample(5).shape == (5, quality.FULL_COVARIANCE_DIMS + 1)

@@ -200,3 +200,16 @@ def test_version_tags_say_what_promotion_compares():
     assert (tags["nll_iwae_k"], tags["nll_iwae_n"]) == (500, 1000)
     assert tags["test_data_digest"] == "0123456789abcdef" and tags["dvc_exp_name"] == ""
     assert tags["evaluate_seed"] == p.evaluate.seed and tags["precision"] == "fp32"
+
+
+def test_the_kl_chart_of_a_very_wide_latent_stays_a_readable_size(tmp_path):
+    """100,000 dims drew a 25,000-inch chart (13.8 GB); it shows the dims with the most KL."""
+    from PIL import Image
+
+    from vaepipe.evaluation import plots
+
+    kl = np.random.default_rng(0).random(100_000)
+    shown = np.sort(np.argsort(-kl)[:256])
+    plots.kl_per_dim_bars(tmp_path / "kl.png", kl[shown], kl[shown], 0.5, dims=shown, of=len(kl))
+    with Image.open(tmp_path / "kl.png") as im:
+        assert im.size[0] * im.size[1] < 40 * 6 * 200**2  # at most 40 x 6 inches
