@@ -58,7 +58,8 @@ def main() -> None:
     print(release.summary(files, results, ex.opset))
     if registered:
         print(
-            f"export: MLflow model versions {', '.join(registered)}, each with its model card; "
+            f"export: MLflow model versions {', '.join(registered)}, each registered with its "
+            "model card; "
             "no alias moved (`vaepipe promote` decides what @champion serves)"
         )
     for w in warnings:
