@@ -80,25 +80,23 @@ def cmd_promote(args) -> str:
 # --- argument parsing --------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
+def _whole_number(text: str, lo: int, hi: int | None, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < lo or (hi is not None and value > hi):
+        raise argparse.ArgumentTypeError(f"{value} {what}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1, None, "must be at least 1")
 
 
 def _seed(text: str) -> int:
     """numpy's generators take seeds 0 .. 2^128 - 1; the pipeline's params use 0 .. 2^32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed in 0 .. {2**32 - 1}")
-    return value
+    return _whole_number(text, 0, 2**32 - 1, f"is not a seed in 0 .. {2**32 - 1}")
 
 
 def _positive_float(text: str) -> float:
