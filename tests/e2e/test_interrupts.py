@@ -19,6 +19,8 @@ from helpers import clean_env, set_params, sh
 # long enough to interrupt training in the middle, short enough for the suite
 PARAMS = {"train.epochs": 30, "train.batch_size": 16, "train.threads": 1}
 STAGE_OUTPUTS = {
+    "prepare": ["data/prepared"],
+    "classifier": ["models/classifier.pt", "metrics/classifier.json"],
     "train": ["models/vae.pt", "metrics/train.json", "plots/train/curves.json"],
     "evaluate": ["metrics/evaluate.json", "plots/evaluate"],
     "export": [f"models/{n}.onnx" for n in ("encoder", "decoder", "scorer", "prior")]
@@ -108,6 +110,10 @@ def rerun_is_clean(repo: Path) -> None:
 
 # (stage, signal, whom): each stage interrupted mid-way by a different signal and sender
 CASES = [
+    ("prepare", signal.SIGTERM, "stage"),
+    ("prepare", signal.SIGKILL, "stage"),
+    ("classifier", signal.SIGINT, "stage"),
+    ("classifier", signal.SIGTERM, "dvc"),
     ("train", signal.SIGTERM, "dvc"),  # dvc exits at once: the stage must stop with it
     ("train", signal.SIGINT, "stage"),
     ("evaluate", signal.SIGINT, "stage"),
@@ -121,12 +127,20 @@ CASES = [
 def test_an_interrupted_stage_leaves_old_outputs_whole_and_repro_recovers(repo, stage, sig, whom):
     before = fingerprint(repo, stage)
     # another seed: every output of the stage would change if it finished
-    key = {"train": "train.seed", "evaluate": "evaluate.seed", "export": "export.scorer_seed"}
+    key = {
+        "prepare": "data.seed",
+        "classifier": "classifier.seed",
+        "train": "train.seed",
+        "evaluate": "evaluate.seed",
+        "export": "export.scorer_seed",
+    }
     set_params(repo, **{key[stage]: 7})
     try:
         proc = start_repro(repo)
         pid = wait_until(f"{stage} running", lambda: (stage_pids(stage, repo) or [None])[0])
-        time.sleep({"train": 2.0, "evaluate": 1.5, "export": 3.0}[stage])  # mid-way
+        # mid-way (prepare: while it starts; it takes a few seconds in all)
+        time.sleep({"prepare": 0.5, "classifier": 2.5, "train": 2.0, "evaluate": 1.5,
+                    "export": 3.0}[stage])  # fmt: skip
         os.kill(proc.pid if whom == "dvc" else pid, sig)
         if whom == "dvc" and sig == signal.SIGKILL:
             os.killpg(proc.pid, signal.SIGKILL)  # what a closed terminal does to its group
