@@ -16,7 +16,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -114,13 +115,30 @@ def uninterrupted() -> Iterator[None]:
             raise KeyboardInterrupt(pending)
 
 
-def stop_with_parent(parent: int, every: float = 0.5) -> None:
+def parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (None when it is gone or there is no /proc to ask)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)", which may hold spaces
+
+
+def stop_with_parent(chain: Sequence[int], every: float = 0.5) -> None:
     """Stop this process (SIGTERM to itself, which stops a stage as Ctrl-C does: its MLflow
-    run closed KILLED, nothing published) once `parent`, the process that started it, is
-    gone: at once if it already is, else when a daemon thread sees this process re-parented."""
+    run closed KILLED, nothing published) once the process that started it is gone: at once
+    if it already is, else when a daemon thread sees it go.
+
+    `chain` is this process's parent, then that parent's own parent and so on, as they were
+    when the stage started: DVC runs a stage through `$SHELL -c`, and a shell that does not
+    replace itself with the command (dash, /bin/sh on Debian) outlives a killed DVC, so the
+    stage then watches DVC above the shell. Any link of the chain broken means orphaned."""
+    chain = list(chain)
 
     def orphaned() -> bool:
-        return os.getppid() != parent
+        if os.getppid() != chain[0]:
+            return True
+        return any(parent_of(a) != b for a, b in zip(chain, chain[1:], strict=False))
 
     def watch() -> None:
         while not orphaned():

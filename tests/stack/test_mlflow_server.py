@@ -1,18 +1,18 @@
 """A real `mlflow server` on 127.0.0.1 as the team's store: two projects log to it at once, its
 REST API answers for them, and `mlflow ui` renders their runs in Chromium."""
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from helpers import clean_env, free_port, sh
+from teamstack import stop_group, wait_for
 
 
 @pytest.fixture
@@ -20,6 +20,7 @@ def mlflow_server(tmp_path):
     store = tmp_path / "server"
     store.mkdir()
     port = free_port()
+    log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -36,24 +37,25 @@ def mlflow_server(tmp_path):
             "1",
         ],
         env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise AssertionError("mlflow server did not start") from None
-            time.sleep(0.5)
-    yield url, store
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+
+    def answers():
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited:\n{(tmp_path / 'server.log').read_text()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2):
+            return True
+
+    try:
+        # a first start migrates the new database: slow on a machine busy with other tests
+        wait_for("mlflow server answering /health", answers, timeout=240, every=0.5)
+        yield url, store
+    finally:
+        stop_group(proc)
+        log.close()
 
 
 def api(url: str, path: str, body: dict | None = None) -> dict:

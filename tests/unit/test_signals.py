@@ -2,6 +2,9 @@
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +59,7 @@ STAGE = """
 import sys, time
 from vaepipe import signals
 time.sleep(float(sys.argv[2]))
-signals.stop_with_parent(int(sys.argv[1]))
+signals.stop_with_parent([int(sys.argv[1])])
 time.sleep(60)
 """
 LAUNCHER = """
@@ -67,25 +70,55 @@ time.sleep(float(sys.argv[3]))
 """
 
 
-@pytest.mark.parametrize(("stage_waits", "parent_lives"), [(0.0, 1.5), (1.5, 0.0)])
-def test_a_stage_stops_when_its_parent_is_gone(stage_waits, parent_lives):
-    import subprocess
-    import sys
-    import time
-
-    launcher = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, STAGE, str(stage_waits), str(parent_lives)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    pid = int(launcher.stdout.split()[0])
-    deadline = time.monotonic() + 30
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    """Until `pid` has ended (gone, or a zombie not yet reaped by whoever adopted it)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
         except (FileNotFoundError, IndexError):
-            return  # gone
+            return
         if state == "Z":
-            return  # ended, not yet reaped by whoever adopted it
+            return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     raise AssertionError("the orphaned stage kept running")
+
+
+@pytest.mark.parametrize(("stage_waits", "parent_lives"), [(0.0, 1.5), (1.5, 0.0)])
+def test_a_stage_stops_when_its_parent_is_gone(stage_waits, parent_lives):
+    launcher = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, STAGE, str(stage_waits), str(parent_lives)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    wait_gone(int(launcher.stdout.split()[0]))
+
+
+# DVC runs a stage as `$SHELL -c CMD`: bash replaces itself with the stage, dash stays between
+# them. Either way, the launcher (DVC) gone, the stage stops: _venv watches above the shell.
+PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"
+SHELL_STAGE = f"""
+import os, sys, time
+sys.path.insert(0, {str(PIPELINE)!r})
+open(sys.argv[1], "w").write(str(os.getpid()))
+import _venv
+time.sleep(60)
+"""
+SHELL_LAUNCHER = """
+import subprocess, sys, time
+subprocess.Popen([sys.argv[1], "-c", sys.argv[2]])
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_a_stage_run_through_a_shell_stops_when_the_launcher_is_gone(shell, tmp_path):
+    if not Path(shell).exists():
+        pytest.skip(f"no {shell}")
+    script, pid_file = tmp_path / "stage.py", tmp_path / "stage.pid"
+    script.write_text(SHELL_STAGE)
+    command = f"{sys.executable} {script} {pid_file}"
+    subprocess.run(
+        [sys.executable, "-c", SHELL_LAUNCHER, shell, command, "3"], timeout=60, check=True
+    )
+    wait_gone(int(pid_file.read_text()))
