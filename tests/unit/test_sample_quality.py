@@ -1,6 +1,8 @@
 """Sample quality (vaepipe.quality): FID and precision/recall against their definitions, the
 classifier that defines the feature space, and the aggregate-posterior sampler."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,23 @@ def test_fid_is_the_frechet_distance_of_the_fitted_gaussians():
     # means 3 apart; covariances I and diag(1, 4): ||dm||^2 + tr(I + S - 2 S^1/2) = 9 + 1
     assert quality.fid(a, b) == pytest.approx(10.0, rel=0.03)
     assert quality.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_agrees_with_scipys_sqrtm_and_stays_exact_and_silent_when_singular():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 20))
+    b = rng.normal(size=(400, 20)) @ rng.normal(size=(20, 20)) * 0.5 + 1
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(ca @ cb).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * root)
+    assert quality.fid(a, b) == pytest.approx(expected, rel=1e-9)
+    # fewer images than features: C_a C_b is singular, where sqrtm warns "Matrix is singular"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b = rng.normal(size=(10, 64)), rng.normal(size=(12, 64))
+        assert np.isfinite(quality.fid(a, b)) and quality.fid(a, a) == pytest.approx(0, abs=1e-4)
 
 
 def test_precision_and_recall_measure_fidelity_and_coverage():
@@ -58,6 +77,15 @@ def test_aggregate_posterior_sampler_is_seeded_and_fits_the_codes():
     z = sample(4000)
     assert np.array_equal(z, sample(4000)) and z.dtype == np.float32
     assert abs((z[:, 0] > 0).mean() - 0.5) < 0.05 and abs(np.abs(z[:, 0]).mean() - 4) < 0.1
+
+
+def test_aggregate_posterior_samples_keep_the_correlations_and_warn_of_nothing():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(2000, 3)) @ np.array([[1, 0.5, 0], [0, 1, 0], [0, 0, 1e-4]]) + 2
+    with warnings.catch_warnings():  # a nearly flat direction: sklearn's sample() warned here
+        warnings.simplefilter("error")
+        z = quality.aggregate_posterior_sampler(mu, 1, seed=0)(20_000)
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.cov(mu, rowvar=False), atol=0.05)
 
 
 def test_wide_codes_get_a_diagonal_mixture_of_bounded_size():

@@ -83,15 +83,27 @@ def accuracy_per_label(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> l
     return [float((pred[y == c] == c).float().mean()) for c in range(int(y.max()) + 1)]
 
 
-def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a [N, F] and b [M, F]."""
-    from scipy import linalg
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance matrix (eigenvalues below 0, from round-off,
+    taken as 0)."""
+    w, v = np.linalg.eigh(cov)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a [N, F] and b [M, F].
+
+    tr sqrt(C_a C_b) is computed as the sum of the square roots of the eigenvalues of the
+    symmetric S C_b S (S = C_a^(1/2)), which has the same eigenvalues as C_a C_b: exact where
+    the product is singular (fewer images than features), where scipy's sqrtm warns and needs
+    an offset on the diagonal."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    root = root.real  # sqrtm leaves tiny imaginary parts from round-off
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    root_a = _psd_sqrt(cov_a)
+    inner = root_a @ cov_b @ root_a
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    d2 = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
+    return float(max(d2, 0.0))  # a squared distance; round-off can leave it a hair below 0
 
 
 def _kth_distances(a: np.ndarray, k: int) -> np.ndarray:
@@ -135,10 +147,25 @@ def aggregate_posterior_sampler(mu: np.ndarray, components: int, seed: int):
     kind = "full" if mu.shape[1] <= FULL_COVARIANCE_DIMS else "diag"
     gmm = GaussianMixture(min(components, len(mu)), covariance_type=kind, random_state=seed)
     gmm.fit(mu)
+    weights = gmm.weights_ / gmm.weights_.sum()
 
     def sample(n: int) -> np.ndarray:
-        gmm.random_state = seed  # the same n codes every call
-        return gmm.sample(n)[0].astype(np.float32)
+        """Through each component's precision Cholesky factor P (precision = P P^T), as
+        z = mean + P^-T eps: no covariance is rebuilt, so none can come back not quite
+        positive semi-definite (what GaussianMixture.sample then warns about)."""
+        from scipy.linalg import solve_triangular
+
+        rng = np.random.default_rng(seed)  # the same n codes every call
+        counts = rng.multinomial(n, weights)
+        out = []
+        for k, count in enumerate(counts):
+            eps = rng.standard_normal((count, mu.shape[1]))
+            if kind == "full":
+                step = solve_triangular(gmm.precisions_cholesky_[k].T, eps.T, lower=True).T
+            else:
+                step = eps / gmm.precisions_cholesky_[k]
+            out.append(gmm.means_[k] + step)
+        return np.concatenate(out).astype(np.float32)
 
     return sample
 
