@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from vaepipe import paths
+from vaepipe import imagefiles, paths
 from vaepipe.errors import VaepipeError, exit_on_user_error, redact
 from vaepipe.inference import commands, runtime, site
 
@@ -54,10 +53,7 @@ def cmd_promote(args) -> str:
     from vaepipe import tracking
     from vaepipe.tracking import promotion
 
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise VaepipeError(f"no MLflow store at {uri}: run the pipeline first (dvc repro)")
-    tracking.setup_uri()
+    uri = tracking.setup_existing_uri()
     decoder, companions = _registered_names() if args.model is None else (args.model, args.with_)
     champion, rows, winner = promotion.decide(decoder, args.version, args.force)
     print(f"MLflow store {redact(uri)}, registered model {decoder}")
@@ -67,8 +63,7 @@ def cmd_promote(args) -> str:
             f"not considered: {decoder} v{', v'.join(unfinished)} (registration incomplete; "
             "rerun the export stage of its run to finish it)"
         )
-    live = [r for r in rows if not r.decision.startswith("skipped")]
-    newest = live[-1] if live else None
+    newest = promotion.challenger(rows, champion, winner)
     if args.dry_run:
         return f"dry run: would move @champion to {f'v{winner.version}' if winner else 'nothing'}"
     moved = promotion.move(decoder, companions if winner else [], winner, newest)
@@ -110,7 +105,11 @@ def _positive_float(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, model: str, precision: bool = True) -> None:
-    p.add_argument("--model", default=model, help=f"ONNX graph (default: {model})")
+    p.add_argument(
+        "--model",
+        default=model,
+        help=f"ONNX graph, or a registered version: models:/NAME@ALIAS (default: {model})",
+    )
     p.add_argument(
         "--provider",
         choices=runtime.POLICIES,
@@ -137,6 +136,16 @@ def _common(p: argparse.ArgumentParser, model: str, precision: bool = True) -> N
         help="a conditional model's class for every row (encode, decode and score also read "
         "labels y from the input .npz)",
     )
+    p.add_argument("--verbose", action="store_true", help="also say why the provider was chosen")
+
+
+def _scale_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scale",
+        type=_positive,
+        help="draw each image this many times larger in a .png (default: about "
+        f"{imagefiles.READABLE} px per image)",
+    )
 
 
 def _add_model_commands(sub) -> None:
@@ -153,6 +162,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="std of z (1.0)")
     p.add_argument("--cols", type=_positive, help="grid columns (default: ~sqrt(n))")
     p.add_argument("--out", required=True, help="grid.png (image grid) or samples.npz (z, x_mean)")
+    _scale_option(p)
     p.set_defaults(fn=commands.cmd_generate)
 
     p = sub.add_parser("encode", help="images -> mu, logvar")
@@ -169,7 +179,10 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--key", help="array to decode (default: z, else mu)")
     p.add_argument("--cols", type=_positive, help="grid columns (default: ~sqrt(N))")
     p.add_argument("--out", required=True, help="grid.png or images.npz (z, x_mean)")
+    _scale_option(p)
     p.set_defaults(fn=commands.cmd_decode)
+
+    _add_reconstruct(sub)
 
     p = sub.add_parser("interpolate", help="decode paths between latent points")
     _common(p, DECODER)
@@ -182,7 +195,22 @@ def _add_model_commands(sub) -> None:
         "--method", choices=("slerp", "lerp"), default="slerp", help="path shape (slerp)"
     )
     p.add_argument("--out", required=True, help="interp.png (one row per path) or .npz")
+    _scale_option(p)
     p.set_defaults(fn=commands.cmd_interpolate)
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="images -> encoder -> decoder, beside the originals")
+    p.add_argument("input", help="images.npz (x, uint8 or [0,1]) or a folder of PNGs")
+    _common(p, ENCODER)
+    p.add_argument(
+        "--decoder", default=DECODER, help=f"decoder graph or models:/NAME@ALIAS ({DECODER})"
+    )
+    p.add_argument("--n", type=_positive, default=32, help="the first N images (32)")
+    p.add_argument("--cols", type=_positive, default=8, help="images per row (8)")
+    p.add_argument("--out", required=True, help="recon.png (originals above) or .npz")
+    _scale_option(p)
+    p.set_defaults(fn=commands.cmd_reconstruct)
 
 
 def _add_inspection_commands(sub) -> None:

@@ -67,18 +67,65 @@ def write_file(path: Path, data: bytes | dict[str, np.ndarray]) -> None:
 
 
 GRID_PAD = 2
+READABLE = 96  # px: the default scale draws each image at least this wide (nearest neighbour)
+LABEL_WIDTH = 60  # px: the margin that names the rows of a labelled grid
 
 
-def check_grid(what: str, n: int, cols: int, image_shape) -> None:
-    """A grid of n images of image_shape (C, H, W) that a PNG can hold, or SizeError."""
-    limits.check_png_grid(what, n, cols, tuple(image_shape[-2:]), GRID_PAD)
+def check_grid(what: str, n: int, cols: int, image_shape, scale: int = 1) -> None:
+    """A grid of n images of image_shape (C, H, W), drawn `scale` times larger, that a PNG can
+    hold, or SizeError."""
+    h, w = image_shape[-2:]
+    limits.check_png_grid(what, n, cols, (h * scale, w * scale), GRID_PAD * scale)
 
 
-def save_images(out: Path, x: np.ndarray, cols: int, arrays: dict[str, np.ndarray]) -> None:
-    """A PNG grid of x [N, C, H, W] or an .npz with x_mean and `arrays`, by out's suffix."""
+def readable_scale(n: int, cols: int, image_shape) -> int:
+    """The scale that draws each image READABLE px wide or more, smaller where the grid would
+    not fit a PNG (1 at least: check_grid says when even that is too large)."""
+    h, w = image_shape[-2:]
+    scale = max(1, -(-READABLE // max(h, w)))
+    rows = -(-n // cols)
+    while scale > 1 and (
+        (rows * (h + GRID_PAD) + GRID_PAD) * (cols * (w + GRID_PAD) + GRID_PAD) * scale**2
+        > limits.MAX_PNG_PIXELS
+    ):
+        scale -= 1
+    return scale
+
+
+def enlarged(img: np.ndarray, scale: int) -> np.ndarray:
+    """`img` [H, W(, 3)] drawn `scale` times larger, each pixel a square (no smoothing)."""
+    return img if scale == 1 else img.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def labelled(img: np.ndarray, labels: list[str], pitch: int, top: int) -> np.ndarray:
+    """`img` [H, W(, 3)] in [0, 1] with a white margin on the left naming its rows of images:
+    labels[i % len(labels)] beside the i-th row, rows `pitch` px apart from `top`."""
+    from PIL import Image, ImageDraw
+
+    margin = np.ones((img.shape[0], LABEL_WIDTH, *img.shape[2:]), np.float32)
+    canvas = Image.fromarray(to_uint8(np.concatenate([margin, img], axis=1)))
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if canvas.mode == "L" else (0, 0, 0)
+    for i, y in enumerate(range(top, img.shape[0] - pitch // 2, pitch)):
+        draw.text((4, y + pitch // 2 - 5), labels[i % len(labels)], fill=ink)
+    return np.asarray(canvas, np.float32) / 255.0
+
+
+def picture(x: np.ndarray, cols: int, scale: int = 1, rows: list[str] | None = None) -> np.ndarray:
+    """The grid of x [N, C, H, W], `scale` times larger, its rows named by `rows` (cycled)."""
+    img = enlarged(grid(x, cols, GRID_PAD), scale)
+    if rows:
+        img = labelled(img, rows, (x.shape[2] + GRID_PAD) * scale, GRID_PAD * scale)
+    return img
+
+
+def save_images(out: Path, x: np.ndarray, cols: int, arrays: dict[str, np.ndarray],
+                scale: int = 1, rows: list[str] | None = None) -> None:  # fmt: skip
+    """A PNG grid of x [N, C, H, W] (`scale` times larger, rows named by `rows`) or an .npz
+    with x_mean and `arrays`, by out's suffix."""
     if out.suffix == ".png":
-        check_grid("the grid", len(x), cols, x.shape[1:])
-        write_file(out, png_bytes(grid(x, cols, GRID_PAD)))
+        check_grid("the grid", len(x), cols, x.shape[1:], scale)
+        write_file(out, png_bytes(picture(x, cols, scale, rows)))
     else:
         write_file(out, {**arrays, "x_mean": x})
 

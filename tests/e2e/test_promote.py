@@ -71,6 +71,20 @@ def test_the_first_model_becomes_champion_directly_and_export_moves_no_alias(rep
     assert "no champion yet" in proc.stdout and "vae-decoder@champion -> v1" in proc.stdout
     for name in ("vae-decoder", "vae-encoder", "vae-scorer"):
         assert c.get_model_version_by_alias(name, "champion").run_id == run_of(repo)
+    # the champion is no challenger of itself
+    assert "challenger" not in c.get_registered_model("vae-decoder").aliases
+    assert "@challenger" not in proc.stdout
+    # the CLI runs it from the registry: the same samples as the graphs it was exported from
+    gen = ("generate", "--n", "6", "--seed", "4")
+    sh(repo, VAEPIPE, *gen, "--out", "local.npz")
+    fetched = sh(repo, VAEPIPE, *gen, "--model", "models:/vae-decoder@champion", "--out", "r.npz")
+    assert "models:/vae-decoder@champion is vae-decoder v1" in fetched.stdout
+    with np.load(repo / "local.npz") as a, np.load(repo / "r.npz") as b:
+        np.testing.assert_array_equal(a["x_mean"], b["x_mean"])
+    missing = sh(repo, VAEPIPE, *gen, "--model", "models:/vae-decoder@nope", "--out", "n.npz",
+                 check=False)  # fmt: skip
+    assert missing.returncode != 0 and "has no such model version" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (repo / "n.npz").exists()
 
 
 def test_queued_experiments_promote_only_a_significantly_better_model_of_the_same_data(
@@ -100,7 +114,9 @@ def test_queued_experiments_promote_only_a_significantly_better_model_of_the_sam
     assert str(champion.version) == longer and champion.tags["dataset"] == "digits"
     for name in ("vae-encoder", "vae-scorer"):  # encoder and scorer move with it
         assert c.get_model_version_by_alias(name, "champion").run_id == champion.run_id
-    assert str(c.get_model_version_by_alias("vae-decoder", "challenger").version) == "3"
+    # the newest candidate that is not the champion: the other dataset's, refused
+    challenger = str(c.get_model_version_by_alias("vae-decoder", "challenger").version)
+    assert challenger == by_dataset["npz"] != longer
     again = promote(repo)
     assert again.returncode == 0 and f"vae-decoder@champion stays v{longer}" in again.stdout
 

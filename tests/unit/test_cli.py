@@ -61,9 +61,17 @@ def test_generate_png_and_npz(models, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "on CPUExecutionProvider" in out and "10 samples (seed 3)" in out
-    with Image.open(tmp_path / "g.png") as im:
-        assert im.mode == "L" and im.size == (4 * 10 + 2, 3 * 10 + 2)  # 4 cols, 3 rows, pad 2
+    assert "libcuda" not in out and "no GPU" not in out  # why: only with --verbose
+    with Image.open(tmp_path / "g.png") as im:  # 8x8 images drawn 12 times larger: 96 px
+        assert im.mode == "L" and im.size == (12 * (4 * 10 + 2), 12 * (3 * 10 + 2))
+        big = np.asarray(im)
+    args = ("--n", 10, "--seed", 3, "--scale", 1, "--verbose", "--out", tmp_path / "g1.png")
+    assert run("generate", "--model", dec, *args) == 0
+    assert "on CPUExecutionProvider (" in capsys.readouterr().out  # and why, when asked
+    with Image.open(tmp_path / "g1.png") as im:
+        assert im.size == (4 * 10 + 2, 3 * 10 + 2)  # 4 cols, 3 rows, pad 2
         pixels = np.asarray(im)
+    np.testing.assert_array_equal(big[::12, ::12], pixels)  # each pixel a 12x12 square
     run("generate", "--model", dec, "--n", 10, "--seed", 3, "--out", tmp_path / "s.npz")
     with np.load(tmp_path / "s.npz") as f:
         z, x = f["z"], f["x_mean"]
@@ -363,3 +371,49 @@ def test_files_written_by_the_cli_follow_the_umask(models, tmp_path):
             os.umask(previous)
         assert stat.S_IMODE(out.stat().st_mode) == mode
         assert stat.S_IMODE(npz.stat().st_mode) == mode
+
+
+def test_reconstruct_draws_each_row_of_originals_above_its_reconstructions(
+    models, tmp_path, capsys
+):
+    x = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", x=x)
+    common = ("--model", models["encoder"], "--decoder", models["decoder"], "--n", 12)
+    assert run("reconstruct", tmp_path / "x.npz", *common, "--out", tmp_path / "r.npz") == 0
+    with np.load(tmp_path / "r.npz") as f:
+        xs, mu, recon = f["x"], f["mu"], f["x_mean"]
+    assert xs.shape == (12, 1, 8, 8) and mu.shape == (12, 3)
+    np.testing.assert_allclose(xs[:, 0], x[:12] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(recon, decode(models, mu), atol=1e-6)
+    out = tmp_path / "r.png"
+    assert run("reconstruct", tmp_path / "x.npz", *common, "--cols", 6, "--out", out) == 0
+    assert "12 images" in capsys.readouterr().out
+    with Image.open(out) as im:  # 4 rows (input, recon., input, recon.) of 6, 12x, a margin
+        assert im.size == (60 + 12 * (6 * 10 + 2), 12 * (4 * 10 + 2))
+        img = np.asarray(im)
+    tile = img[24 : 24 + 96 : 12, 60 + 24 : 60 + 24 + 96 : 12]  # first original, first row
+    np.testing.assert_allclose(tile / 255.0, xs[0, 0], atol=1 / 255)
+    below = img[24 + 120 : 24 + 120 + 96 : 12, 60 + 24 : 60 + 24 + 96 : 12]  # under it
+    np.testing.assert_allclose(below / 255.0, recon[0, 0], atol=1 / 255)
+    assert (img[:, :60] < 128).any()  # the row names are written in the margin
+
+
+def test_read_only_commands_outside_a_project_say_where_to_run_and_create_nothing(tmp_path):
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path / "home")}
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    for argv in (
+        ["runs"],
+        ["promote"],
+        ["generate", "--out", "g.png"],
+        ["generate", "--model", "models:/vae-decoder@champion", "--out", "g.png"],
+    ):
+        proc = subprocess.run(
+            [BIN / "vaepipe", *argv], cwd=here, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode != 0, argv
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "dvc repro" in lines[0], lines
+        assert list(here.iterdir()) == [], argv  # no store, no file

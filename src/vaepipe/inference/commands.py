@@ -17,6 +17,7 @@ from vaepipe.inference import runtime
 
 ENCODER = str(paths.ENCODER)
 DECODER = str(paths.DECODER)
+DEFAULTS = (ENCODER, DECODER, str(paths.SCORER))
 
 
 # --- sessions and reporting --------------------------------------------------------------------
@@ -69,11 +70,41 @@ def check_role(sess: runtime.Session, role: str, option: str = "--model") -> run
     return sess
 
 
+def _local_model(args) -> Path:
+    """--model as a local file: a path, or a registered version (models:/NAME@ALIAS,
+    models:/NAME/VERSION) fetched from the MLflow store into a temp folder for this command,
+    with its run's prior graph beside it (generate uses it)."""
+    if not str(args.model).startswith("models:/"):
+        path = Path(args.model)
+        if not path.is_file() and str(path) in DEFAULTS:
+            raise VaepipeError(
+                f"{path} does not exist here: run this in a project whose pipeline has run "
+                "(dvc repro), or pass --model FILE.onnx or --model models:/NAME@champion"
+            )
+        return path
+    import atexit
+    import shutil
+    import tempfile
+
+    from vaepipe import tracking
+    from vaepipe.tracking import registry
+
+    tracking.setup_existing_uri()
+    folder = Path(tempfile.mkdtemp(prefix="vaepipe-model-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    graph, prior, what = registry.fetch_graph(args.model, folder)
+    if prior is not None:
+        shutil.move(prior, graph.with_name("prior.onnx"))
+    print(f"registry: {args.model} is {what}")
+    return graph
+
+
 def _open(args, role: str) -> runtime.Session:
     """The session of --model (or its --precision variant) on --provider, checked to be the
     `role` graph. `auto` precision: on a GPU the fp16 variant when it exists and its parity
-    was within tolerance, else fp32."""
-    path = Path(args.model)
+    was within tolerance, else fp32. Says where it runs (why, with --verbose)."""
+    path = _local_model(args)
+    args.model = str(path)
     precision = getattr(args, "precision", "fp32")
     if precision not in ("auto", "fp32"):
         path = _variant(path, precision)
@@ -86,7 +117,8 @@ def _open(args, role: str) -> runtime.Session:
     fp16 = _variant(path, "fp16")
     if precision == "auto" and sess.device == "cuda" and fp16.is_file() and _fp16_fits(fp16):
         path, sess = fp16, runtime.open_session(fp16, args.provider)
-    print(f"onnxruntime: {path} on {sess.provider} ({sess.reason})")
+    why = f" ({sess.reason})" if getattr(args, "verbose", False) else ""
+    print(f"onnxruntime: {path} on {sess.provider}{why}")
     return sess
 
 
@@ -135,13 +167,16 @@ def _labels(sess: runtime.Session, n: int, label: int | None, arrays: dict | Non
     return {"y": np.eye(classes, dtype=np.float32)[y]}
 
 
-def _check_decoded(what: str, rows: int, sess: runtime.Session, out: Path, cols: int) -> None:
-    """Before decoding: `rows` latents and their images fit in memory, and in a PNG grid."""
+def _check_decoded(args, what: str, rows: int, sess: runtime.Session, cols: int) -> int:
+    """Before decoding: `rows` latents and their images fit in memory, and in a PNG grid at
+    --scale (or the readable default); that scale."""
     image = [d if isinstance(d, int) else 1 for d in sess.session.get_outputs()[0].shape[1:]]
     hint = "ask for fewer, or split the work over several calls"
     limits.check_rows(what, rows, 4 * (math.prod(image) + _latent_dim(sess)), hint)
-    if out.suffix == ".png":
-        imagefiles.check_grid(what, rows, cols, image)
+    scale = args.scale or imagefiles.readable_scale(rows, cols, image)
+    if Path(args.out).suffix == ".png":
+        imagefiles.check_grid(what, rows, cols, image, scale)
+    return scale
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -151,7 +186,7 @@ def cmd_generate(args) -> str:
     out = check_out(args.out, (".png", ".npz"))
     sess = _open(args, "decoder")
     cols = args.cols or int(np.ceil(np.sqrt(args.n)))
-    _check_decoded("--n", args.n, sess, out, cols)
+    scale = _check_decoded(args, "--n", args.n, sess, cols)
     rng = np.random.default_rng(args.seed)
     eps = args.temperature * rng.standard_normal((args.n, _latent_dim(sess)), dtype=np.float32)
     u = rng.random(args.n, dtype=np.float32)
@@ -164,9 +199,12 @@ def cmd_generate(args) -> str:
         raise VaepipeError(f"--prior {args.prior} does not exist")
     else:
         z, kind = eps, "standard (N(0, I))"
+        learned = sess.metadata().get("prior", "standard")
+        if learned != "standard":
+            print(f"note: {sess.path} was trained with a {learned} prior, drawn here from N(0, I)")
     extra = _labels(sess, args.n, args.label)
     x = sess.run_batched(z, args.batch_size, extra)[sess.output_names[0]]
-    imagefiles.save_images(out, x, cols, {"z": z})
+    imagefiles.save_images(out, x, cols, {"z": z}, scale)
     given = f", label {args.label}" if args.label is not None else ""
     return f"{args.n} samples (seed {args.seed}{given}) of the {kind} prior -> {out}"
 
@@ -200,11 +238,37 @@ def cmd_decode(args) -> str:
     key, z, arrays = imagefiles.load_npz(Path(args.latents), keys)
     z = sess.check(z)
     cols = args.cols or int(np.ceil(np.sqrt(len(z))))
-    _check_decoded(f"the latents in {args.latents}", len(z), sess, out, cols)
+    scale = _check_decoded(args, f"the latents in {args.latents}", len(z), sess, cols)
     extra = _labels(sess, len(z), args.label, arrays)
     x = sess.run_batched(z, args.batch_size, extra)[sess.output_names[0]]
-    imagefiles.save_images(out, x, cols, {"z": z})
+    imagefiles.save_images(out, x, cols, {"z": z}, scale)
     return f"{len(z)} latents ('{key}' of {args.latents}) -> {out}"
+
+
+def cmd_reconstruct(args) -> str:
+    """Images through the encoder (mu) and back through the decoder: each row of originals
+    above its reconstructions, the rows named, at a readable scale (or an .npz)."""
+    import copy
+
+    out = check_out(args.out, (".png", ".npz"))
+    enc = _open(args, "encoder")
+    dec_args = copy.copy(args)
+    dec_args.model = args.decoder
+    dec = _open(dec_args, "decoder")
+    src = Path(args.input)
+    x, extra = _images(enc, src)
+    x = x[: args.n]
+    labels = _labels(enc, len(x), args.label, {k: v[: args.n] for k, v in extra.items()})
+    mu = enc.run_batched(x, args.batch_size, labels)["mu"]
+    recon = dec.run_batched(mu, args.batch_size, labels)[dec.output_names[0]]
+    cols = min(args.cols, len(x))
+    if out.suffix == ".npz":
+        imagefiles.write_file(out, {"x": x, "mu": mu, "x_mean": recon})
+    else:
+        pairs = imagefiles.interleave_rows(x, recon, cols)
+        scale = args.scale or imagefiles.readable_scale(len(pairs), cols, x.shape[1:])
+        imagefiles.save_images(out, pairs, cols, {}, scale, rows=["input", "recon."])
+    return f"{len(x)} images from {src} and their reconstructions -> {out}"
 
 
 def _path_between(a: np.ndarray, b: np.ndarray, steps: int, method: str) -> np.ndarray:
@@ -225,7 +289,7 @@ def cmd_interpolate(args) -> str:
     dim = _latent_dim(sess)
     n_paths = 1 if args.latents else args.pairs
     what = "--steps" if args.latents else "--pairs x --steps"
-    _check_decoded(what, n_paths * args.steps, sess, out, args.steps)
+    scale = _check_decoded(args, what, n_paths * args.steps, sess, args.steps)
     if args.latents:
         _, z, _ = imagefiles.load_npz(Path(args.latents), ("z", "mu"))
         z = sess.check(z)
@@ -242,7 +306,7 @@ def cmd_interpolate(args) -> str:
     z_all = path.reshape(-1, dim).astype(np.float32)
     extra = _labels(sess, len(z_all), args.label)
     x = sess.run_batched(z_all, args.batch_size, extra)[sess.output_names[0]]
-    imagefiles.save_images(out, x, args.steps, {"z": path.astype(np.float32)})
+    imagefiles.save_images(out, x, args.steps, {"z": path.astype(np.float32)}, scale)
     return f"{len(ends)} x {args.steps} {args.method} path(s) -> {out}"
 
 

@@ -25,6 +25,7 @@ from vaepipe.tracking.store import (
     git_commit,
     project_root,
     setup,
+    setup_existing_uri,
     setup_uri,
     tracking_uri,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "run_tags",
     "set_tags",
     "setup",
+    "setup_existing_uri",
     "setup_uri",
     "tracking_uri",
 ]

@@ -46,7 +46,7 @@ def load_runs(experiment: str) -> list[RunRow]:
 
     from vaepipe import tracking
 
-    tracking.setup_uri()
+    tracking.setup_existing_uri()
     client = tracking.call(mlflow.MlflowClient, "opening the store")
     exp = tracking.call(lambda: client.get_experiment_by_name(experiment), "reading experiments")
     if exp is None:

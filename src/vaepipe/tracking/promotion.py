@@ -10,8 +10,8 @@ Versions registered before that tag read evaluation/per_image_nll.npz (the run's
 evaluate) under the same check. Candidates of another dataset, image shape or latent width, or
 measured on other test images, are refused unless --force. Only complete registrations are
 seen. The encoder and scorer of the chosen decoder's export (its `export_id` tag) move with it;
-`@challenger` marks the newest candidate. numpy and MLflow only (no torch): it reads the store
-like `vaepipe runs`.
+`@challenger` marks the newest candidate, never the champion. numpy and MLflow only (no
+torch): it reads the store like `vaepipe runs`.
 """
 
 from __future__ import annotations
@@ -320,9 +320,22 @@ def companion(name: str, winner: Row) -> tuple[str | None, str]:
     return str(twin.version), f"{name}@{CHAMPION} -> v{twin.version} (registered with it)"
 
 
+def challenger(rows: list[Row], champion: Row | None, winner: Row | None) -> Row | None:
+    """The newest candidate that is not the champion after the move (None: no other left)."""
+    after = winner or champion
+    newer = [
+        r
+        for r in rows
+        if not r.decision.startswith("skipped")
+        and (champion is None or int(r.version) > int(champion.version))
+        and (after is None or r.version != after.version)
+    ]
+    return newer[-1] if newer else None
+
+
 def move(decoder: str, companions: list[str], winner: Row | None, newest: Row | None):
     """Set @champion on the winner's decoder and the versions of its export of the companion
-    models, @challenger on the newest candidate; the lines saying what moved."""
+    models, @challenger on `newest` (or remove it when None); the lines saying what moved."""
     said = []
     if winner is not None:
         said.append(f"{decoder}@{CHAMPION} -> v{winner.version}")
@@ -335,4 +348,6 @@ def move(decoder: str, companions: list[str], winner: Row | None, newest: Row | 
     if newest is not None:
         registry.set_alias(decoder, CHALLENGER, newest.version)
         said.append(f"{decoder}@{CHALLENGER} -> v{newest.version}")
+    elif registry.delete_alias(decoder, CHALLENGER):
+        said.append(f"{decoder}@{CHALLENGER} removed (no candidate besides the champion)")
     return said

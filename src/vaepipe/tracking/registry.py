@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from vaepipe.tracking.store import TrackingError, call
+from vaepipe.errors import VaepipeError
+from vaepipe.tracking.store import TrackingError, call, tracking_uri
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/vaepipe, copied into every model
 LOADER_MODULE = "vaepipe.inference.serving"
@@ -303,6 +305,19 @@ def set_alias(name: str, alias: str, version: str) -> None:
     )
 
 
+def delete_alias(name: str, alias: str) -> bool:
+    """Remove `name@alias`; whether there was one."""
+    import mlflow
+
+    if alias_version(name, alias) is None:
+        return False
+    call(
+        lambda: mlflow.MlflowClient().delete_registered_model_alias(name, alias),
+        f"removing {name}@{alias}",
+    )
+    return True
+
+
 def run_state(run_id: str) -> str:
     """'FINISHED', 'FAILED', ... of a run, 'deleted' for a deleted one, 'missing' if unknown."""
     import mlflow
@@ -331,3 +346,46 @@ def download(run_id: str, artifact_path: str, dst: Path) -> Path:
         f"downloading {artifact_path} of run {run_id}",
     )
     return Path(local)
+
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+def fetch_graph(uri: str, dst: Path) -> tuple[Path, Path | None, str]:
+    """(model.onnx, the run's prior.onnx or None, "name vN") of a registered version named by
+    `uri` (models:/NAME@ALIAS or models:/NAME/VERSION), downloaded into `dst`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    match = MODEL_URI.match(uri)
+    if not match:
+        raise VaepipeError(f"{uri} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, number = match["name"], match["alias"], match["version"]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = mlflow.MlflowClient()
+
+    def lookup():
+        try:
+            if alias:
+                return client.get_model_version_by_alias(name, alias)
+            return client.get_model_version(name, number)
+        except MlflowException as e:
+            if "not found" in str(e) or "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+                return None
+            raise
+
+    version = call(lookup, f"looking up {uri}")
+    if version is None:
+        raise VaepipeError(f"{uri}: the MLflow store {tracking_uri()} has no such model version")
+    source = client.get_model_version_download_uri(name, version.version).rstrip("/")
+    graph = call(
+        lambda: mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source}/model.onnx", dst_path=str(dst)
+        ),
+        f"downloading the graph of {name} v{version.version}",
+    )
+    try:
+        prior = download(version.run_id, "prior/prior.onnx", dst / "prior")
+    except TrackingError:
+        prior = None  # not a decoder's run, or exported before the prior graph was logged
+    return Path(graph), prior, f"{name} v{version.version}"

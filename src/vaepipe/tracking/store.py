@@ -225,6 +225,18 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
+def setup_existing_uri() -> str:
+    """setup_uri for the commands that only read: a sqlite store that is not there is one line
+    (where to run, what to set), never an empty store created in passing."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise VaepipeError(
+            f"no MLflow store at {uri}: run this in a project whose pipeline has run "
+            "(dvc repro), or set MLFLOW_TRACKING_URI to the team's store"
+        )
+    return setup_uri()
+
+
 def setup_uri() -> str:
     """Resolve the store, check it answers, and point MLflow at it; returns the URI."""
     import mlflow
