@@ -88,3 +88,71 @@ def test_a_transient_error_is_retried_and_a_bug_is_not(monkeypatch):
     assert tracking.call(flaky, "logging metrics") == "logged"
     with pytest.raises(ZeroDivisionError):  # our bug: a traceback, not a disguised store error
         tracking.call(lambda: 1 / 0, "logging metrics")
+
+
+# A process that opens a run in the store given as argv[1], says so, and waits to be killed.
+HOLDER = """
+import os, sys, time
+os.environ["MLFLOW_TRACKING_URI"] = sys.argv[1]
+from vaepipe import tracking
+with tracking.run("vaepipe") as active:
+    print(active.info.run_id, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_whose_process_was_killed_outright_is_closed_by_the_next_one(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def holder():
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, uri], stdout=subprocess.PIPE, text=True
+        )
+        return proc, proc.stdout.readline().strip()
+
+    killed, killed_run = holder()
+    living, living_run = holder()
+    try:
+        killed.send_signal(signal.SIGKILL)  # no handler runs: the run stays RUNNING
+        killed.wait(timeout=30)
+        client = mlflow.MlflowClient(uri)
+        assert client.get_run(killed_run).info.status == "RUNNING"
+        with tracking.run("vaepipe") as active:
+            assert active.data.tags["vaepipe.pid"] == str(os.getpid())
+        done = client.get_run(killed_run)
+        assert done.info.status == "KILLED"
+        assert f"pid {killed.pid}" in done.data.tags["error"]
+        assert client.get_run(living_run).info.status == "RUNNING"  # its process is alive
+    finally:
+        living.kill()
+        living.wait(timeout=30)
+
+
+def test_a_run_of_dvc_repro_is_named_by_branch_and_commit(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        ident = ("-c", "user.name=t", "-c", "user.email=t@t")
+        return subprocess.run(["git", *ident, *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+
+    monkeypatch.chdir(tmp_path)
+    assert store.default_run_name() is None  # not a git checkout
+    git("init", "-q", "-b", "main")
+    (tmp_path / "dvc.lock").write_text("a")
+    (tmp_path / "params.yaml").write_text("a")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    short = git("rev-parse", "--short=7", "HEAD")
+    (tmp_path / "dvc.lock").write_text("b")  # the pipeline's own bookkeeping: not an edit
+    assert store.default_run_name() == f"main@{short}"
+    (tmp_path / "params.yaml").write_text("b")
+    assert store.default_run_name() == f"main@{short}+edits"

@@ -20,6 +20,7 @@ from vaepipe.tracking.store import (
     _quick_http,
     call,
     check_own_artifacts,
+    default_run_name,
     git_commit,
     setup,
 )
@@ -62,15 +63,65 @@ def run_tags(dataset: str, device: str) -> dict[str, str]:
     return tags
 
 
+# which process holds a run open: a later stage on the same machine closes a run whose process
+# is gone (killed outright: SIGKILL, the OOM killer, a power cut) instead of leaving it RUNNING
+HOST_TAG, PID_TAG = "vaepipe.host", "vaepipe.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def close_abandoned(exp_id: str, keep: str | None = None) -> list[str]:
+    """Close KILLED the runs of `exp_id` left RUNNING by a process of this machine that is
+    gone (all but `keep`), each with an `error` tag saying so; their ids."""
+    import socket
+
+    import mlflow
+
+    host = socket.gethostname()
+    client = mlflow.MlflowClient()
+    found = call(
+        lambda: client.search_runs(
+            [exp_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+        ),
+        "looking for runs left open",
+    )
+    closed = []
+    for r in found:
+        pid = r.data.tags.get(PID_TAG, "")
+        if r.info.run_id == keep or not pid.isdigit() or _alive(int(pid)):
+            continue
+        why = (
+            f"its process (pid {pid} on {host}) ended without closing it (killed outright); "
+            "closed by a later stage"
+        )
+        left = r.info.run_id
+        call(lambda: client.set_tag(left, "error", why), "tagging a run left open")  # noqa: B023
+        call(lambda: client.set_terminated(left, "KILLED"), "closing a run left open")  # noqa: B023
+        closed.append(left)
+    return closed
+
+
 def _start(experiment, run_id, run_name, tags, system_metrics):
-    """The active MLflow run: a new one in `experiment`, or `run_id` reopened."""
+    """The active MLflow run: a new one in `experiment`, or `run_id` reopened; tagged with the
+    process that holds it, after closing the runs such processes left open."""
     import logging
+    import socket
 
     import mlflow
 
     # the monitor announces its start and stop at INFO on every run: noise in a stage's output
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     exp_id = setup(experiment)
+    close_abandoned(exp_id, keep=run_id)
+    tags = {**(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if run_id is not None:
         found = call(lambda: mlflow.MlflowClient().get_run(run_id), f"reading run {run_id}")
         check_own_artifacts(found.info.artifact_uri, f"run {run_id}")
@@ -78,13 +129,12 @@ def _start(experiment, run_id, run_name, tags, system_metrics):
             lambda: mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics),
             f"reopening run {run_id}",
         )
-        if tags:
-            set_tags(tags)
+        set_tags(tags)
         return active
     return call(
         lambda: mlflow.start_run(
             experiment_id=exp_id,
-            run_name=run_name or os.environ.get("DVC_EXP_NAME") or None,
+            run_name=run_name or os.environ.get("DVC_EXP_NAME") or default_run_name(),
             tags=tags,
             log_system_metrics=system_metrics,
         ),

@@ -328,6 +328,18 @@ def git_commit() -> str | None:
     return _git("rev-parse", "HEAD")
 
 
+def default_run_name() -> str | None:
+    """What a run of `dvc repro` is called: the branch and short commit it ran at
+    ("main@3f2a1bc", "+edits" when tracked files other than dvc.lock differ from it, an
+    edited params.yaml for one), None outside git."""
+    commit = _git("rev-parse", "--short=7", "HEAD")
+    if commit is None:
+        return None
+    branch = _git("symbolic-ref", "--short", "-q", "HEAD") or "detached"
+    edited = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
+    return f"{branch}@{commit}{'+edits' if edited else ''}"
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
