@@ -22,7 +22,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("pipeline", "src")
-FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/raw/README.md")
+FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/README.md",
+    ".dvc/plots.html",
+)
 # an identity of its own: a fresh machine (CI, a GPU box) may have none configured
 GIT_IDENTITY = ("-c", "user.name=vaepipe", "-c", "user.email=vaepipe@localhost")
 
@@ -46,7 +53,7 @@ def copy_project(dest: Path, overrides: dict | None = None, message: str = "sand
     for name in FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, dest / name)
-    (dest / ".dvc").mkdir()
+    (dest / ".dvc").mkdir(exist_ok=True)
     shutil.copy(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
     set_params(dest, overrides or {})
     for args in (["init", "-q"], ["add", "-A"], [*GIT_IDENTITY, "commit", "-qm", message]):
