@@ -11,6 +11,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: run test check install dataset lint ui clean lock gpu-check
 
 run: install dataset
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory web; else \
+		echo "note: no npm here: dvc plots pages will load vega from its CDN"; fi
 	dvc repro
 
 # pytest-xdist workers; each test module runs whole on one (tests/conftest.py's scopes). Most of
@@ -75,7 +77,7 @@ lint: install
 	ruff check . && ruff format --check .
 
 ui: install
-	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/python scripts/mlflow_ui.py
 
 clean:
 	rm -rf data/prepared models metrics plots dvc.lock
@@ -85,8 +87,9 @@ clean:
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out gpu-check.md
 
-# onnxruntime-web for `vaepipe site`, pinned by web/package-lock.json; reinstalled when the lock
-# is newer than the install. No install scripts: the site only copies files from its dist/.
+# onnxruntime-web for `vaepipe site` and vega for `dvc plots show` (.dvc/plots.html), pinned by
+# web/package-lock.json; reinstalled when the lock is newer than the install. No install
+# scripts: the site and the plots page only read files from the packages' dist/ and build/.
 .PHONY: web
 web: web/node_modules/.package-lock.json
 

@@ -46,7 +46,12 @@ def _params(rev: dict) -> dict:
 
 
 def _metrics(rev: dict, name: str) -> dict:
-    return rev["data"]["metrics"].get(f"metrics/{name}", {}).get("data", {})
+    """metrics/<name> as the experiment committed it (DVC lists only metrics/summary.json as
+    metrics; the other files are plain outputs, kept in the experiment's git commit)."""
+    proc = subprocess.run(
+        ["git", "show", f"{rev['rev']}:metrics/{name}"], capture_output=True, text=True
+    )
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
 
 def experiments(names: list[str] | None, all_commits: bool = False) -> list[tuple]:
@@ -159,6 +164,14 @@ def main() -> None:
         sys.exit("error: no finished DVC experiment with metrics/evaluate.json on this commit")
     print(f"{os.cpu_count()} CPU cores; NLL in nats on the first n test images\n")
     print(table(rows, paired_to(rows, args.baseline)))
+    protocols = {
+        (ev["iwae_k"], ev.get("iwae_n", ev["n_test"]), ev.get("data_digest")) for *_, ev in rows
+    }
+    if len(protocols) > 1:
+        print(
+            "\nnote: these NLLs were measured under different protocols (k, n, test draw); "
+            "compare only rows with the same k and n"
+        )
 
 
 if __name__ == "__main__":

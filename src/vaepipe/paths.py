@@ -19,6 +19,8 @@ SCORER = MODELS / "scorer.onnx"
 CLASSIFIER = MODELS / "classifier.pt"
 TRAIN_METRICS = Path("metrics/train.json")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
+# the headline figures: the one file DVC lists as metrics (`dvc exp show`, `dvc metrics diff`)
+SUMMARY_METRICS = Path("metrics/summary.json")
 EXPORT_METRICS = Path("metrics/export.json")
 CLASSIFIER_METRICS = Path("metrics/classifier.json")
 CURVES = Path("plots/train/curves.json")

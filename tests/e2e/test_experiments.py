@@ -72,6 +72,12 @@ def test_queued_sweep_with_two_workers_lands_every_run_and_marks_the_crashes(
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     exp_names = {e["name"] for rev in shown for e in (rev.get("experiments") or [])}
     assert {r["name"] for r in by_status["FINISHED"]} <= exp_names
+    # what `dvc exp show` compares: the headline file only, a dozen figures at most
+    for exp in (e for rev in shown for e in (rev.get("experiments") or [])):
+        for rev in exp["revs"]:
+            metrics = (rev.get("data") or {}).get("metrics") or {}
+            assert set(metrics) <= {"metrics/summary.json"}, set(metrics)
+            assert len((metrics.get("metrics/summary.json") or {}).get("data", {})) <= 12
     for r in by_status["FAILED"]:
         assert r["tags"]["error"].startswith("TrainingDiverged: ")
         assert "at epoch 1, batch" in r["tags"]["error"]

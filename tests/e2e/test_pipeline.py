@@ -29,6 +29,7 @@ def test_repro_writes_every_output(repo):
         "models/decoder.onnx",
         "metrics/train.json",
         "metrics/evaluate.json",
+        "metrics/summary.json",
         "metrics/export.json",
         "plots/evaluate/reconstructions.png",
         "plots/evaluate/samples.png",
@@ -77,6 +78,22 @@ def test_metrics_are_consistent(repo):
     assert ev["test/nll_iwae"] <= -ev["test/elbo"] + 1.0  # IWAE (k=8) is no looser than the ELBO
     ex = json.loads((repo / "metrics/export.json").read_text())
     assert ex["provider"] == "CPUExecutionProvider" and ex["parity_max_abs_err"] < 1e-4
+
+
+def test_dvc_lists_the_headline_figures_with_their_protocol_as_its_metrics(repo):
+    repo, _ = repo
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    train = json.loads((repo / "metrics/train.json").read_text())
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert summary["test/nll_iwae"] == ev["test/nll_iwae"] and summary["iwae_k"] == 8
+    assert summary["iwae_n"] == ev["iwae_n"] and summary["best_epoch"] == train["best_epoch"]
+    assert 8 <= len(summary) <= 12
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    files = {f for rev in shown.values() for f in rev["data"]}
+    assert files == {"metrics/summary.json"}, files
+    db = sqlite3.connect(repo / "mlruns" / "mlflow.db")
+    (protocol,) = db.execute("SELECT value FROM tags WHERE key='test.nll_protocol'").fetchone()
+    assert protocol.startswith(f"IWAE k=8, {ev['iwae_n']} of {ev['n_test']} test images")
 
 
 def test_onnx_files_run_in_onnxruntime(repo):
@@ -160,7 +177,7 @@ def test_run_shows_its_data_per_epoch_pictures_and_system_metrics(repo):
     assert by_context["evaluation"].digest == test_digest
     assert {d.name for d in by_context.values()} == {"digits"}
     assert "digits.csv.gz" in by_context["training"].source
-    # image_every 20 over 40 epochs: epochs 1, 20 and the last, for both grids
+    # image_every 20 over 40 epochs: before training, epochs 1, 20 and the last, both grids
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     for key in ("samples", "reconstructions"):
         steps = sorted(
@@ -168,7 +185,7 @@ def test_run_shows_its_data_per_epoch_pictures_and_system_metrics(repo):
             for p in images
             if p.startswith(f"images/{key}+") and p.endswith(".png")
         )
-        assert steps == [1, 20, 40], images
+        assert steps == [0, 1, 20, 40], images
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
     assert run.data.metrics["epoch_images_seconds"] < run.data.metrics["train_seconds"]
 

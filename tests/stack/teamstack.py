@@ -228,14 +228,16 @@ def processes_in(repo: Path) -> list[int]:
 
 
 def exp_run_ids(repo: Path, env) -> dict[str, str]:
-    """{experiment name: MLflow run id in its metrics/train.json} of `dvc exp show`."""
+    """{experiment name: MLflow run id in its metrics/train.json} of `dvc exp show`'s
+    experiments."""
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json", env=env, timeout=120).stdout)
     ids = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs", []):
-                metrics = (rev.get("data") or {}).get("metrics") or {}
-                run_id = (metrics.get("metrics/train.json", {}).get("data") or {}).get("run_id")
+                # metrics/train.json is a plain output, committed with the experiment
+                shown = sh(repo, "git", "show", f"{rev['rev']}:metrics/train.json", check=False)
+                run_id = json.loads(shown.stdout).get("run_id") if shown.returncode == 0 else None
                 if exp.get("name") and run_id:
                     ids[exp["name"]] = run_id
     return ids

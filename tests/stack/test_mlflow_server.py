@@ -130,7 +130,7 @@ def test_mlflow_ui_runs_page_screenshot(tmp_path, mlflow_server, new_project):
             "--window-size=1600,1000",
             "--virtual-time-budget=15000",
             f"--screenshot={shot}",
-            f"{url}/#/experiments/{exp_id}/runs",
+            f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning",  # as make ui
         ],
         capture_output=True,
         timeout=120,

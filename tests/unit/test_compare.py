@@ -58,3 +58,37 @@ def test_unknown_sort_key_and_experiment_are_clear_errors(store):
     assert "Traceback" not in proc.stderr
     proc = vaepipe(store, "--experiment", "nope")
     assert proc.returncode == 2 and "no experiment 'nope'" in proc.stderr
+
+
+def test_nlls_measured_under_different_protocols_are_marked(store):
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs(["1"])}
+    full = "IWAE k=500, 10000 of 10000 test images, seed 0, test data 1a2b3c4d5e6f7a8b"
+    quick = "IWAE k=50, 200 of 10000 test images, seed 0, test data 1a2b3c4d5e6f7a8b"
+    for name, protocol in (("a", full), ("b", quick), ("c", full)):
+        client.set_tag(runs[name], "test.nll_protocol", protocol)
+    proc = vaepipe(store, "--sort", "test/nll_iwae")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[-1] == "protocol"  # the last column
+    marks = {line.split()[0]: line.split()[-1] for line in lines[2:6]}
+    assert marks["a"] == marks["c"] != marks["b"] and marks["d"] == "-"
+    assert f"  {marks['a']}: {full}" in lines and f"  {marks['b']}: {quick}" in lines
+    assert "different protocols" in proc.stdout
+    # all measured alike: no column, no note
+    client.set_tag(runs["b"], "test.nll_protocol", full)
+    same = vaepipe(store, "--sort", "test/nll_iwae").stdout
+    assert "protocol" not in same
+
+
+def test_make_ui_prints_the_runs_page_in_model_training_mode(store):
+    import mlflow_ui
+
+    db = Path(store.removeprefix("sqlite:///"))
+    exp = mlflow_ui.address(db)
+    assert exp == "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    assert mlflow_ui.address(db, "another").endswith(
+        "/#/experiments?workflowType=machine_learning"
+    )

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import params, proto_data, vae_cfg
 
-from vaepipe import config
+from vaepipe import config, imagefiles
 from vaepipe.data import arrays
 from vaepipe.evaluation import quality, report
 from vaepipe.export import graphs, release
@@ -48,9 +48,12 @@ def test_epoch_pictures_are_uint8_grids_that_leave_the_training_rng_alone():
     grids = pictures.grids()
     assert torch.equal(before, torch.get_rng_state())
     assert set(grids) == {"samples", "reconstructions"}
-    # 64 samples in rows of 8 (8x8 images, 2 px apart); 32 inputs above 32 reconstructions
-    assert grids["samples"].shape == (8 * 10 + 2, 8 * 10 + 2)
-    assert grids["reconstructions"].shape == grids["samples"].shape
+    # 64 samples in rows of 8 (8x8 images, 2 px apart), drawn 12 times larger (96 px each);
+    # 32 inputs above 32 reconstructions, the rows named in a margin
+    assert grids["samples"].shape == (12 * (8 * 10 + 2), 12 * (8 * 10 + 2))
+    margin = imagefiles.LABEL_WIDTH
+    assert grids["reconstructions"].shape == (12 * (8 * 10 + 2), margin + 12 * (8 * 10 + 2))
+    assert (grids["reconstructions"][:, :margin] < 128).any()  # "input", "recon." written
     assert all(g.dtype == np.uint8 for g in grids.values())
 
 

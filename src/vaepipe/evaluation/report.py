@@ -189,18 +189,55 @@ class Report:
     per_image: np.ndarray  # each test image's IWAE NLL (what `vaepipe promote` pairs)
 
 
+PHASES = (
+    "likelihood (IWAE)",
+    "reconstruction",
+    "latent quality",
+    "pictures",
+    "separation",
+    "sample quality",
+)
+
+
+class Progress:
+    """One tqdm line for evaluate, naming the phase under way (phases, not batches: the long
+    ones are IWAE and sample quality). On stderr, as train's bar."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(PHASES), desc="evaluate", unit="phase", leave=True)
+        self.started = False
+
+    def __call__(self, phase: str) -> None:
+        """`phase` begins (the one before it has ended)."""
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(phase)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.set_postfix_str("done")
+        self.bar.close()
+
+
 def measure(vae: VAE, inp: Inputs, params: config.Params, dataset: str | None, out: Path):
     """Every figure of the model on the test set, and its pictures drawn into `out`: a Report.
     dataset: what the model was trained on (names the classes in the pictures)."""
     ev = params.evaluate
+    phase = Progress()
+    phase(PHASES[0])
     results, kl_d, per_image = likelihood_figures(vae, inp, ev)
     # Collapse diagnostics on the data the likelihood is measured on; latent quality and the
     # pictures on grey images, as a deployment would encode them.
     mu, logvar = likelihood.encode_all(vae, inp.x, batch_size=ev.batch_size, y=inp.labels)
     with torch.no_grad():
         results.update(collapse_figures(vae, mu, logvar, ev))
+    phase(PHASES[1])
     recon_results, rec = reconstruction_figures(vae, inp, ev)
     results.update(recon_results)
+    phase(PHASES[2])
     mu_grey, _ = likelihood.encode_all(vae, inp.grey, batch_size=ev.batch_size, y=inp.labels)
     mu_train, y_train = train_latents(vae, inp.x.device, ev)
     scores = latent.latent_quality(
@@ -209,14 +246,18 @@ def measure(vae: VAE, inp: Inputs, params: config.Params, dataset: str | None, o
     results.update({f"test/{k}": v for k, v in scores.scores.items()})
     skipped = {f"test/{k}": why for k, why in scores.skipped.items()}
 
+    phase(PHASES[3])
     act = collapse.activity(mu)
     draw = pictures.Pictures(vae, inp.grey, y=inp.y, labels=inp.labels, out=out, ev=ev)
     draw.images(inp.x, rec.mse)
     draw.latents(mu_grey, kl_d, act, plots.CLASS_NAMES.get(dataset))
     skipped.update(draw.charts(kl_d, act))
-    for figures, why in (separation(vae, inp, params), sample_quality(vae, inp, params, mu_train)):
+    for name, measure_it in zip(PHASES[4:], (separation, sample_quality), strict=True):
+        phase(name)
+        figures, why = measure_it(vae, inp, params, *([mu_train] if name == PHASES[5] else []))
         results.update(figures)
         skipped.update(why)
+    phase.close()
     results.update(
         iwae_k=ev.iwae_k,
         n_test=len(inp.x),
@@ -226,6 +267,40 @@ def measure(vae: VAE, inp: Inputs, params: config.Params, dataset: str | None, o
         data_digest=arrays.digest(inp.split),
     )
     return Report(results, skipped, per_image)
+
+
+PROTOCOL_TAG = "test.nll_protocol"
+# metrics/summary.json: the figures `dvc exp show` compares, the protocol of the NLL beside it
+# (every figure stays in evaluate.json and train.json, and in MLflow)
+HEADLINE = (
+    "test/nll_iwae",
+    "test/nll_iwae_stderr",
+    "iwae_k",
+    "iwae_n",
+    "test/elbo",
+    "test/recon",
+    "test/kl",
+    "test/active_units",
+    "test/probe_accuracy",
+    "test/fid",
+)
+HEADLINE_TRAIN = ("best_epoch", "val/elbo")
+
+
+def headline(results: dict, train: dict) -> dict:
+    """metrics/summary.json: HEADLINE of evaluate's results (those it has) and HEADLINE_TRAIN
+    of train.json."""
+    out = {k: results[k] for k in HEADLINE if k in results}
+    out.update({k: train[k] for k in HEADLINE_TRAIN if k in train})
+    return out
+
+
+def protocol_text(protocol: dict, n_test: int) -> str:
+    """'IWAE k=500, 10000 of 10000 test images, seed 0, test data 1a2b3c4d5e6f7a8b'."""
+    return (
+        f"IWAE k={protocol['iwae_k']}, {protocol['iwae_n']} of {n_test} test images, "
+        f"seed {protocol['seed']}, test data {protocol['data_digest']}"
+    )
 
 
 def log_to_mlflow(params, inp: Inputs, report: Report, seconds: float, plots_dir: Path) -> str:
@@ -254,6 +329,8 @@ def log_to_mlflow(params, inp: Inputs, report: Report, seconds: float, plots_dir
         np.savez(Path(d) / "per_image_nll.npz", nll=per_image, **protocol)
         tracking.log_artifact(Path(d) / "per_image_nll.npz", "evaluation")
         tracking.log_metrics({k: v for k, v in results.items() if k.startswith("test/")})
+        # how test/nll_iwae was measured: runs whose tags differ are not comparable by it
+        tracking.set_tags({PROTOCOL_TAG: protocol_text(protocol, len(inp.split.x))})
         tracking.log_metrics({"evaluate_seconds": seconds})
         tracking.log_dataset(
             params.data.dataset,

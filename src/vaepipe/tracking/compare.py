@@ -32,6 +32,9 @@ DEFAULT_METRICS = (
 )
 
 
+PROTOCOL_TAG = "test.nll_protocol"  # set by evaluate: how test/nll_iwae was measured
+
+
 @dataclass
 class RunRow:
     run_id: str
@@ -39,6 +42,7 @@ class RunRow:
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
+    protocol: str | None = None
 
 
 def load_runs(experiment: str) -> list[RunRow]:
@@ -64,6 +68,7 @@ def load_runs(experiment: str) -> list[RunRow]:
             r.info.status,
             dict(r.data.params),
             dict(r.data.metrics),
+            r.data.tags.get(PROTOCOL_TAG),
         )
         for r in runs
     ]
@@ -100,16 +105,24 @@ def _fmt(v) -> str:
 
 
 def format_table(runs: list[RunRow], params=DEFAULT_PARAMS, metrics=DEFAULT_METRICS) -> str:
-    """A fixed-width table: name, status, the chosen params and metrics (missing: '-')."""
+    """A fixed-width table: name, status, the chosen params and metrics (missing: '-'). Beside
+    test/nll_iwae, the protocol it was measured under when the runs differ in it (a letter per
+    protocol, spelled out below the table): such NLLs are not comparable."""
     params = [p for p in params if any(p in r.params for r in runs)]
     metrics = [m for m in metrics if any(m in r.metrics for r in runs)]
-    header = ["run", "status", *params, *metrics]
+    protocols = sorted(
+        {r.protocol or "not recorded" for r in runs if "test/nll_iwae" in r.metrics}
+    )
+    marked = len(protocols) > 1 and "test/nll_iwae" in metrics
+    letter = {p: chr(ord("A") + i) for i, p in enumerate(protocols)}
+    header = ["run", "status", *params, *metrics, *(["nll protocol"] if marked else [])]
     rows = [
         [
             r.name,
             r.status,
             *(r.params.get(p) for p in params),
             *(r.metrics.get(m) for m in metrics),
+            *([letter.get(r.protocol or "not recorded", "-")] if marked else []),
         ]
         for r in runs
     ]
@@ -119,6 +132,12 @@ def format_table(runs: list[RunRow], params=DEFAULT_PARAMS, metrics=DEFAULT_METR
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if marked:
+        lines.append(
+            "\ntest/nll_iwae was measured under different protocols; compare only rows with "
+            "the same letter:"
+        )
+        lines += [f"  {letter[p]}: {p}" for p in protocols]
     return "\n".join(lines)
 
 

@@ -28,8 +28,9 @@ RECONSTRUCTIONS = 32  # fixed validation images, each row above its reconstructi
 
 class EpochPictures:
     """Grids of prior samples (fixed z) and of fixed validation images above their
-    reconstructions, logged as MLflow images with step = epoch at epoch 1, every `every`
-    epochs and the last: the UI's image view steps through training. Decoding uses mu, no
+    reconstructions (rows named in a margin, each image about 96 px), logged as MLflow images
+    with step = epoch before training (step 0, where the UI's image view opens), at epoch 1,
+    every `every` epochs and the last: the view steps through training. Decoding uses mu, no
     random draw, so the training RNG (and an exact resume) is untouched."""
 
     def __init__(self, vae: VAE, x_val: torch.Tensor, cfg: config.TrainConfig, y_val=None):
@@ -59,9 +60,12 @@ class EpochPictures:
         samples = vae.mean(vae.decode(self.z, y_z)).cpu().numpy()
         recon = vae.mean(vae.decode(vae.encode(self.x, y_x)[0], y_x)).cpu().numpy()
         pairs = imagefiles.interleave_rows(self.x.cpu().numpy(), recon)
+        scale = imagefiles.readable_scale(len(pairs), 8, pairs.shape[1:])
         return {
-            key: imagefiles.to_uint8(imagefiles.grid(pictures, 8, imagefiles.GRID_PAD))
-            for key, pictures in (("samples", samples), ("reconstructions", pairs))
+            "samples": imagefiles.to_uint8(imagefiles.picture(samples, 8, scale)),
+            "reconstructions": imagefiles.to_uint8(
+                imagefiles.picture(pairs, 8, scale, rows=["input", "recon."])
+            ),
         }
 
     def __call__(self, epoch: int) -> None:
@@ -143,6 +147,8 @@ def fit_logged(job: Job, run_id: str, pictures: EpochPictures) -> list[EpochStat
         pictures(stats.epoch)
 
     save, saved = saver(job, run_id), {"epoch": job.state["epoch"] if job.state else 0}
+    if not job.state:
+        pictures(0)  # the untrained model: the image view's first step
 
     def on_checkpoint(loop_state: dict) -> None:
         save(loop_state)
