@@ -63,7 +63,8 @@ def read_json(path: str | Path) -> Any:
 STAGING = Path(".vaepipe-staging")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def _clear_stale_staging() -> None:
     """Staging folders of processes that are gone (a stage killed by SIGKILL)."""
     for d in STAGING.glob("*"):
         pid = d.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 

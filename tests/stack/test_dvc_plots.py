@@ -3,41 +3,15 @@ loads vega, vega-lite and vega-embed from web/node_modules (`make web`), not fro
 Checked in a real headless Chromium whose every network request goes to a dead proxy."""
 
 import os
-import shutil
 from pathlib import Path
 
+import chromium
 import pytest
 from helpers import sh
 
 ROOT = Path(__file__).resolve().parents[2]
 VEGA = ROOT / "web" / "node_modules" / "vega-embed" / "build" / "vega-embed.min.js"
 TRAIN_CHARTS = 4  # dvc.yaml: ELBO, reconstruction NLL, KL and loss of plots/train/curves.json
-
-
-def _chrome(tmp: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("chromium or chromedriver not found (Debian: chromium chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--no-first-run",
-        "--disable-gpu",
-        f"--user-data-dir={tmp}",
-        "--proxy-server=http://127.0.0.1:9",  # nothing listens: no request leaves the machine
-        "--proxy-bypass-list=<-loopback>",
-        "--allow-file-access-from-files",
-    ):
-        opts.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=opts)
-    browser.set_page_load_timeout(120)
-    return browser
 
 
 def test_dvc_plots_show_renders_the_training_curves_offline(new_project, tmp_path):
@@ -52,7 +26,14 @@ def test_dvc_plots_show_renders_the_training_curves_offline(new_project, tmp_pat
     html = page.read_text()
     assert "web/node_modules/vega-embed" in html and "{scripts}" not in html
     assert "dvc_plots" in sh(repo, "git", "check-ignore", "dvc_plots").stdout
-    browser = _chrome(tmp_path / "chrome")
+    browser = chromium.chrome(
+        tmp_path / "chrome",
+        "--disable-gpu",
+        "--proxy-server=http://127.0.0.1:9",  # nothing listens: no request leaves the machine
+        "--proxy-bypass-list=<-loopback>",
+        "--allow-file-access-from-files",
+        timeout=120,
+    )
     try:
         browser.get(page.as_uri())
         from selenium.webdriver.support.ui import WebDriverWait

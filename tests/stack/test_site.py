@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import chromium
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -247,17 +248,6 @@ def test_refuses_to_replace_a_folder_it_did_not_build(digits_model, tmp_path):
 # --- the page in Chromium ----------------------------------------------------------------------
 
 
-def _browser_paths() -> tuple[str, str]:
-    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip(
-            "chromium or chromedriver not found on PATH (Debian: apt-get install chromium "
-            "chromium-driver)"
-        )
-    return chromium, driver
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -267,7 +257,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(digits_model, tmp_path_factory):
     """Sites under one static server: ok/ (the digits model), nomodel/ (its decoder deleted)."""
-    _browser_paths()
+    chromium.browser_paths()
     if not all((RUNTIME / f).is_file() for f in site.RUNTIME_FILES):
         pytest.fail(f"onnxruntime-web is not installed in {RUNTIME}: run `make web`")
     root = tmp_path_factory.mktemp("www")
@@ -304,26 +294,7 @@ def served(digits_model, tmp_path_factory):
 
 
 def _chrome(tmp: Path, *flags: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = _browser_paths()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--no-first-run",
-        "--disable-background-networking",
-        f"--user-data-dir={tmp}",
-        "--window-size=1280,1000",
-        *flags,
-    ):
-        opts.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=opts)
-    browser.set_page_load_timeout(TIMEOUT)
-    browser.set_script_timeout(TIMEOUT)
-    return browser
+    return chromium.chrome(tmp, *flags, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vaepipe import signals
+from vaepipe.fileio import process_alive
 from vaepipe.tracking.store import (
     CLOSE_ATTEMPTS,
     CLOSE_SECONDS,
@@ -68,16 +69,6 @@ def run_tags(dataset: str, device: str) -> dict[str, str]:
 HOST_TAG, PID_TAG = "vaepipe.host", "vaepipe.pid"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def close_abandoned(exp_id: str, keep: str | None = None) -> list[str]:
     """Close KILLED the runs of `exp_id` left RUNNING by a process of this machine that is
     gone (all but `keep`), each with an `error` tag saying so; their ids."""
@@ -96,7 +87,7 @@ def close_abandoned(exp_id: str, keep: str | None = None) -> list[str]:
     closed = []
     for r in found:
         pid = r.data.tags.get(PID_TAG, "")
-        if r.info.run_id == keep or not pid.isdigit() or _alive(int(pid)):
+        if r.info.run_id == keep or not pid.isdigit() or process_alive(int(pid)):
             continue
         why = (
             f"its process (pid {pid} on {host}) ended without closing it (killed outright); "
