@@ -2,6 +2,7 @@
 source of defaults, here too), commands run in a project copy, and tiny data. Set-up that has
 a lifetime (project copies, a pipeline run, servers) is a fixture in conftest.py."""
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -102,6 +103,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def default_store(uri: str):
+    """MLflow's process-wide store set to `uri` for the block, whatever an earlier test in this
+    process set (MLFLOW_TRACKING_URI alone loses to mlflow.set_tracking_uri): a models:/ source
+    resolves through it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def sh(cwd, *args, check=True, env=None, timeout=600):

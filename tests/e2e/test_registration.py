@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import set_params, sh
+from helpers import default_store, set_params, sh
 
 # scikit-learn's digits, one epoch, 300 images for the IWAE bound: seconds a stage
 QUICK = {"train.epochs": 1, "evaluate.iwae_n": 300, "export.scorer_k": 8}
@@ -165,14 +165,13 @@ def test_an_export_rerun_of_the_same_graphs_registers_no_new_version(repo):
     assert {name: numbers(c, name) for name in MODELS} == before
 
 
-def test_an_interrupted_registration_is_invisible_until_export_finishes_it(repo, monkeypatch):
+def test_an_interrupted_registration_is_invisible_until_export_finishes_it(repo):
     c = client(repo)
-    # MLflow resolves a models:/ source through the default client's store: this one
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     last = c.get_model_version("vae-decoder", "3")  # run B's latest export: models/decoder.onnx
     # what an interruption right after the version was created leaves: no tags, no card
     c.delete_model_version("vae-decoder", "3")
-    orphan = c.create_model_version("vae-decoder", last.source, run_id=last.run_id)
+    with default_store(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"):
+        orphan = c.create_model_version("vae-decoder", last.source, run_id=last.run_id)
     assert str(orphan.version) == "4" and not orphan.tags
     # and one stopped before its description and completeness tag
     c.set_model_version_tag("vae-encoder", "3", "complete", "false")

@@ -8,7 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from helpers import TINY_LATENT, decoder_signature
+from helpers import TINY_LATENT, decoder_signature, default_store
 
 from vaepipe.inference import runtime
 from vaepipe.tracking import registry
@@ -37,8 +37,7 @@ def server(decoder, tmp_path_factory, serve):
 
     store = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    try:
+    with default_store(uri):
         exp = mlflow.create_experiment("serving", artifact_location=(store / "art").as_uri())
         feeds, signature = decoder_signature(decoder)
         with mlflow.start_run(experiment_id=exp) as run:
@@ -52,9 +51,7 @@ def server(decoder, tmp_path_factory, serve):
                 onnx_execution_providers=[runtime.CPU],
             )
         version = mlflow.MlflowClient().get_model_version("vae-decoder", "1")
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert info.registered_model_version == 1 and version.run_id == run.info.run_id
 
     # what a deployment serves: the alias vaepipe promote moves, never "latest"
