@@ -18,17 +18,17 @@ from vaepipe import config
 from vaepipe.model.vae import VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# The per-epoch MLflow metric names of DESIGN.md.
+# The per-epoch MLflow metric names (docs/metrics.md); `lr` too where a schedule changes it.
 PER_EPOCH_METRICS = (
-    "train/loss",
-    "train/recon",
-    "train/kl",
-    "train/elbo",
-    "val/recon",
-    "val/kl",
-    "val/elbo",
+    "loss/train",
+    "recon/train",
+    "kl/train",
+    "elbo/train",
+    "recon/val",
+    "kl/val",
+    "elbo/val",
     "beta",
-    "lr",
+    "best_epoch",
 )
 TINY = {
     "data.dataset": "digits",

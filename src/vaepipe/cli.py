@@ -26,9 +26,10 @@ PRECISIONS = ("auto", "fp32", "fp16", "int8")
 def cmd_runs(args) -> str:
     from vaepipe.tracking import compare  # MLflow is imported only by this command
 
-    runs = compare.sort_runs(compare.load_runs(args.experiment), args.sort, args.desc)
+    sort = args.sort and compare.metric_name(args.sort)
+    runs = compare.sort_runs(compare.load_runs(args.experiment), sort, args.desc)
     params = args.params or compare.DEFAULT_PARAMS
-    metrics = args.metrics or compare.DEFAULT_METRICS
+    metrics = [compare.metric_name(m) for m in args.metrics or compare.DEFAULT_METRICS]
     print(compare.format_table(runs, params, metrics))
     if args.plot:
         ys = [m for m in args.metrics if m.startswith("test/")] if args.metrics else None

@@ -176,7 +176,7 @@ def test_pipeline_train_under_torchrun_logs_once_from_rank_0(tmp_path, launch, n
     tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid=?", (runs[0][0],)))
     assert tags["world_size"] == "2"
     epochs = db.execute(
-        "SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key='val/elbo'", (runs[0][0],)
+        "SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key='elbo/val'", (runs[0][0],)
     ).fetchone()[0]
     assert epochs == metrics["epochs"]
 

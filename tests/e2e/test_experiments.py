@@ -68,7 +68,7 @@ def test_queued_sweep_with_two_workers_lands_every_run_and_marks_the_crashes(
     # the same metrics in both (system/ metrics are sampled every 10 s: a slower run has more)
     finished = by_status["FINISHED"]
     keys = [{k for k in r["metrics"] if not k.startswith("system/")} for r in finished]
-    assert keys[0] == keys[1] and {"test/nll_iwae", "val/elbo", "train/kl"} <= keys[0]
+    assert keys[0] == keys[1] and {"test/nll_iwae", "elbo/val", "kl/train"} <= keys[0]
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     exp_names = {e["name"] for rev in shown for e in (rev.get("experiments") or [])}
     assert {r["name"] for r in by_status["FINISHED"]} <= exp_names

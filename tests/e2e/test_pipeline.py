@@ -51,6 +51,8 @@ def test_mlflow_run_holds_every_per_epoch_term(repo):
     )
     for key in PER_EPOCH_METRICS:
         assert steps.get(key) == EPOCHS, key
+    assert "lr" not in steps  # constant: the param train.lr, not a flat curve
+    assert not any(key.startswith("export/") for key in steps)  # parity: a table artifact
     for key in ("test/nll_iwae", "test/elbo", "test/recon", "test/kl", "test/mse"):
         assert steps.get(key) == 1, key
     params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (run_id,)))

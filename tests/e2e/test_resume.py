@@ -105,7 +105,7 @@ def test_killed_repro_resumes_to_the_same_weights_and_metrics(tmp_path, referenc
     # One run in the store, the same one, now FINISHED, with every epoch logged exactly once.
     assert runs(repo) == [(run_id, "FINISHED")]
     counts = epoch_counts(repo, run_id)
-    assert counts["train/elbo"] == counts["val/elbo"] == PARAMS["train.epochs"]
+    assert counts["elbo/train"] == counts["elbo/val"] == PARAMS["train.epochs"]
 
     # Bit-for-bit the uninterrupted run: final weights, training and test figures.
     ref_w, got_w = weights(reference), weights(repo)

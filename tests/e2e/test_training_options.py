@@ -52,8 +52,8 @@ def test_conv_warmup_free_bits_plateau_and_early_stopping(tmp_path, new_project)
     best = _history(repo, "best_epoch")[-1]
     train = _json(repo, "train.json")
     assert train["epochs"] == epochs and train["best_epoch"] == best
-    vals = _history(repo, "val/elbo")
-    assert train["val/elbo"] == pytest.approx(max(vals)) == pytest.approx(vals[int(best) - 1])
+    vals = _history(repo, "elbo/val")
+    assert train["elbo/val"] == pytest.approx(max(vals)) == pytest.approx(vals[int(best) - 1])
     if epochs < 12:  # stopped early: three epochs after the best one
         assert epochs == best + 3
     ev = _json(repo, "evaluate.json")
@@ -73,10 +73,10 @@ def test_iwae_objective_with_cosine_lr_and_a_continuous_bernoulli_exp(tmp_path, 
         },
     )
     sh(repo, "dvc", "repro")
-    assert len(_history(repo, "val/iwae")) == 3
+    assert len(_history(repo, "iwae/val")) == 3
     assert _history(repo, "lr")[0] == pytest.approx(1e-3)
     train = _json(repo, "train.json")
-    assert train["val/iwae"] > train["val/elbo"]
+    assert train["iwae/val"] > train["elbo/val"]
     # one param switch away: a continuous Bernoulli on grey pixels, as a DVC experiment
     flags = [
         "model.likelihood=continuous_bernoulli",

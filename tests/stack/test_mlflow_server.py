@@ -100,7 +100,7 @@ def test_two_processes_log_to_a_shared_mlflow_server(tmp_path, mlflow_server, ne
     )
     assert dims == ["2", "4"]
     for r in runs:
-        assert {"test/nll_iwae", "train/elbo"} <= {m["key"] for m in r["data"]["metrics"]}
+        assert {"test/nll_iwae", "elbo/train"} <= {m["key"] for m in r["data"]["metrics"]}
     assert len(list((store / "artifacts").rglob("reconstructions.png"))) == 2
     # The same server is `mlflow ui`: its page and the runs view answer.
     with urllib.request.urlopen(url + "/", timeout=30) as resp:
@@ -137,3 +137,34 @@ def test_mlflow_ui_runs_page_screenshot(tmp_path, mlflow_server, new_project):
         check=False,
     )
     assert shot.is_file() and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    # A run's page opens on the ELBO of train and val side by side; no parity bars, no lr line
+    run_id = api(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"][0][
+        "info"
+    ]["run_id"]
+    sections = run_page_sections(tmp_path, f"{url}/#/experiments/{exp_id}/runs/{run_id}")
+    assert sections[:2] == [("elbo", 2), ("kl", 2)], sections
+    assert not any(name.startswith(("export", "lr")) for name, _ in sections), sections
+
+
+def run_page_sections(tmp: Path, run_url: str) -> list[tuple[str, int]]:
+    """The chart sections of a run's "Model metrics" page, in order: (name, charts)."""
+    import re
+    import time
+
+    from chromium import chrome
+
+    browser = chrome(tmp / "run-page", timeout=60)
+    try:
+        browser.get(f"{run_url}/model-metrics?workflowType=machine_learning")
+        deadline, sections = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not sections:
+            time.sleep(1)
+            lines = browser.execute_script("return document.body.innerText").splitlines()
+            sections = [
+                (line, int(count[1:-1]))
+                for line, count in zip(lines, lines[1:], strict=False)
+                if re.fullmatch(r"\(\d+\)", count)
+            ]
+        return sections
+    finally:
+        browser.quit()

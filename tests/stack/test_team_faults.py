@@ -84,7 +84,7 @@ def test_tracking_server_stopped_mid_training_loses_no_training(stack, tmp_path)
 
         def some_epochs_logged():
             run = run_of(client, "fault-server")
-            if run and len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3:
+            if run and len(client.get_metric_history(run.info.run_id, "loss/train")) >= 3:
                 return run
             return None
 
@@ -111,7 +111,7 @@ def test_tracking_server_stopped_mid_training_loses_no_training(stack, tmp_path)
     assert f"resuming from models/checkpoints/last.pt (epoch {saved}, batch 0)" in again.stdout
     assert json.loads((repo / "metrics/train.json").read_text())["run_id"] == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")]
     assert sorted(steps) == list(range(1, epochs + 1))  # every epoch once, none missing
     assert run_of(client, "fault-server").info.run_id == run.info.run_id  # and no other run
 
@@ -146,7 +146,7 @@ def test_postgres_restarted_under_a_two_worker_sweep_loses_no_run(stack, tmp_pat
                 r for r in runs
                 if r.info.status == "RUNNING" and r.data.tags.get("dvc_exp_name") in names
             ]  # fmt: skip
-            return any(client.get_metric_history(r.info.run_id, "train/loss") for r in running)
+            return any(client.get_metric_history(r.info.run_id, "loss/train") for r in running)
 
         try:
             wait_for(f"{names} logging epochs", check, 240, every=0.3)
@@ -190,7 +190,7 @@ def test_postgres_restarted_under_a_two_worker_sweep_loses_no_run(stack, tmp_pat
     assert len(finished) == len(seeds)  # one per experiment: none lost, none twice
     assert sorted(r.data.params["train.seed"] for r in finished) == [str(s) for s in seeds]
     for r in finished:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss/train")]
         assert sorted(steps) == list(range(1, epochs + 1)), r.data.tags.get("dvc_exp_name")
     assert set(failed) <= {"pg13", "pg14"}  # the restart itself failed nothing
 

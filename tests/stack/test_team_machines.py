@@ -196,5 +196,5 @@ def test_two_nodes_launched_by_the_stage_train_as_one_process_and_log_one_run(st
     assert runs[0].data.tags["world_size"] == "2"
     assert runs[0].data.params["train.node_rank"] == "0"  # node 0 logged it
     epochs = json.loads((nodes[0] / "metrics/train.json").read_text())["epochs"]
-    assert len(client.get_metric_history(runs[0].info.run_id, "val/elbo")) == epochs
+    assert len(client.get_metric_history(runs[0].info.run_id, "elbo/val")) == epochs
     print(f"\n2 nodes x 1 process: {two_nodes_s:.1f} s; max |w2 - w1| = {worst:.1e}")

@@ -214,7 +214,7 @@ def test_iwae_training_logs_the_validation_bound_and_keeps_it_above_the_elbo():
     hist = fit(vae, x, xv, cfg, "dynamic", progress=False)
     assert all(h.val["iwae"] > h.val["elbo"] for h in hist)
     assert hist[-1].val["iwae"] > hist[0].val["iwae"]
-    assert "val/iwae" in hist[-1].metrics()
+    assert "iwae/val" in hist[-1].metrics()
 
 
 # --- KL schedules ---

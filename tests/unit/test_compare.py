@@ -92,3 +92,21 @@ def test_make_ui_prints_the_runs_page_in_model_training_mode(store):
     assert mlflow_ui.address(db, "another").endswith(
         "/#/experiments?workflowType=machine_learning"
     )
+
+
+def test_runs_logged_before_and_after_the_curve_rename_share_a_column(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("vaepipe", artifact_location=(tmp_path / "a").as_uri())
+    for name, key, value in [("old", "val/elbo", -250.5), ("new", "elbo/val", -240.25)]:
+        run = client.create_run(exp, run_name=name)
+        client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    for asked in ("val/elbo", "elbo/val"):
+        proc = vaepipe(uri, "--metrics", asked, "--sort", asked, "--desc")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].split() == ["run", "status", "elbo/val"], proc.stdout
+        assert [line.split()[::2] for line in lines[2:4]] == [["new", "-240.2"], ["old", "-250.5"]]

@@ -33,8 +33,10 @@ def test_training_improves_the_elbo_and_reports_every_term():
     assert len(hist) == 5
     assert hist[-1].val["elbo"] > hist[0].val["elbo"]
     m = hist[-1].metrics()
-    for key in PER_EPOCH_METRICS:
+    for key in (*PER_EPOCH_METRICS, "lr"):
         assert key in m and m[key] == m[key]  # present and not NaN
+    assert "lr" not in hist[-1].metrics(constant_lr=True)  # the param train.lr says it
+    assert hist[-1].curves()["val_elbo"] == hist[-1].val["elbo"]  # dvc.yaml's plots fields
 
 
 def test_bf16_autocast_trains_in_bfloat16_products_and_keeps_float32_weights():

@@ -284,7 +284,7 @@ HEADLINE = (
     "test/probe_accuracy",
     "test/fid",
 )
-HEADLINE_TRAIN = ("best_epoch", "val/elbo")
+HEADLINE_TRAIN = ("best_epoch", "elbo/val")
 
 
 def headline(results: dict, train: dict) -> dict:

@@ -285,9 +285,28 @@ def register(vae, files: dict, sessions: dict, params: config.Params, facts: dic
     registered before are reused or finished, not registered again); ['model vN', ...]."""
     results = facts["export"]
     with tracking.run(params.mlflow.experiment, run_id=facts["run_id"]):
-        tracking.set_tags({"onnx_provider": results["provider"]})
-        tracking.log_metrics({f"export/{k}": v for k, v in results.items() if "parity" in k})
+        tracking.set_tags(
+            {
+                "onnx_provider": results["provider"],
+                "parity_max_abs_err": f"{results['parity_max_abs_err']:.3g}",
+            }
+        )
+        tracking.log_table(parity_table(results), "export/parity.json")
         return log_models(vae, files, sessions, params, facts)
+
+
+def parity_table(results: dict) -> dict[str, list]:
+    """export.json's parity/GRAPH_bN figures as columns: graph, batch, max_abs_err, provider."""
+    table = {"graph": [], "batch": [], "max_abs_err": [], "provider": []}
+    for key, err in sorted(results.items()):
+        if not key.startswith("parity/"):
+            continue
+        graph, batch = key.removeprefix("parity/").rsplit("_b", 1)
+        table["graph"].append(graph)
+        table["batch"].append(int(batch))
+        table["max_abs_err"].append(err)
+        table["provider"].append(results.get(f"provider/{graph}", results["provider"]))
+    return table
 
 
 def summary(files: dict, results: dict, opset: int) -> str:

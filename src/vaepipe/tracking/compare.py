@@ -35,6 +35,15 @@ DEFAULT_METRICS = (
 PROTOCOL_TAG = "test.nll_protocol"  # set by evaluate: how test/nll_iwae was measured
 
 
+def metric_name(key: str) -> str:
+    """Today's name of a metric: per-epoch curves were once logged `split/quantity`
+    (train/elbo); they are `quantity/split` (elbo/train), so old and new runs line up."""
+    split, _, quantity = key.partition("/")
+    if split in ("train", "val") and quantity and "/" not in quantity:
+        return f"{quantity}/{split}"
+    return key
+
+
 @dataclass
 class RunRow:
     run_id: str
@@ -67,7 +76,7 @@ def load_runs(experiment: str) -> list[RunRow]:
             r.info.run_name or r.info.run_id[:8],
             r.info.status,
             dict(r.data.params),
-            dict(r.data.metrics),
+            {metric_name(k): v for k, v in r.data.metrics.items()},
             r.data.tags.get(PROTOCOL_TAG),
         )
         for r in runs

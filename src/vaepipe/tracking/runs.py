@@ -279,6 +279,13 @@ def log_artifact(path: str | Path, artifact_path: str) -> None:
     call(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path), f"uploading {path}")
 
 
+def log_table(columns: dict[str, list], artifact_file: str) -> None:
+    """A table artifact (MLflow shows it on the run's artifacts page, outside the chart grid)."""
+    import mlflow
+
+    call(lambda: mlflow.log_table(columns, artifact_file), f"logging table {artifact_file}")
+
+
 def log_image(image, key: str, step: int) -> None:
     """An image (uint8 [H, W] or [H, W, 3]) under `key` at `step`: the UI steps through them."""
     import mlflow

@@ -43,12 +43,23 @@ class EpochStats:
     kl_per_dim: list[float] = field(default_factory=list)  # validation KL per latent dim
     best_epoch: int = 0  # the epoch with the best validation objective so far
 
-    def metrics(self) -> dict[str, float]:
-        """Flat MLflow metric names (docs/metrics.md)."""
-        out = {f"train/{k}": v for k, v in self.train.items()}
-        out.update({f"val/{k}": v for k, v in self.val.items()})
-        out.update({"beta": self.beta, "lr": self.lr, "epoch_seconds": self.seconds})
+    def metrics(self, constant_lr: bool = False) -> dict[str, float]:
+        """Flat MLflow metric names (docs/metrics.md): `quantity/split`, so MLflow's run page
+        draws each quantity's train and val curves side by side in one section; the learning
+        rate only where a schedule changes it (a constant one is the param train.lr)."""
+        out = {f"{k}/train": v for k, v in self.train.items()}
+        out.update({f"{k}/val": v for k, v in self.val.items()})
+        out.update({"beta": self.beta, "epoch_seconds": self.seconds})
+        if not constant_lr:
+            out["lr"] = self.lr
         out["best_epoch"] = self.best_epoch
+        return out
+
+    def curves(self) -> dict[str, float]:
+        """One row of plots/train/curves.json: `split_quantity` (dvc.yaml's plots)."""
+        out = {f"train_{k}": v for k, v in self.train.items()}
+        out.update({f"val_{k}": v for k, v in self.val.items()})
+        out.update({"beta": self.beta, "lr": self.lr, "best_epoch": self.best_epoch})
         return out
 
 

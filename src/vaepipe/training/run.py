@@ -77,14 +77,18 @@ class EpochPictures:
         self.seconds += time.perf_counter() - t0
 
 
-def relog_missing_epochs(run_id: str, history: list[dict]) -> None:
+def constant_lr(params: config.Params) -> bool:
+    return params.train.lr_schedule == "constant"
+
+
+def relog_missing_epochs(run_id: str, history: list[dict], params: config.Params) -> None:
     """After an interruption the checkpoint may hold epochs MLflow never received (the store
     was down): log them, so the resumed run's curves have no gap."""
-    logged = tracking.last_step(run_id, "train/loss")
+    logged = tracking.last_step(run_id, "loss/train")
     for h in history:
         stats = EpochStats(**h)
         if stats.epoch > logged:
-            tracking.log_metrics(stats.metrics(), step=stats.epoch)
+            tracking.log_metrics(stats.metrics(constant_lr(params)), step=stats.epoch)
 
 
 def log_datasets(params: config.Params, splits: dict[str, arrays.Split]) -> None:
@@ -123,7 +127,7 @@ def open_run(job: Job) -> Iterator[str]:
             tracking.log_params(config.flatten(params))
             log_datasets(params, job.data.splits)
         elif state:
-            relog_missing_epochs(run_id, state["history"])
+            relog_missing_epochs(run_id, state["history"], params)
         yield distributed.broadcast_object(run.info.run_id, group)
 
 
@@ -143,7 +147,7 @@ def fit_logged(job: Job, run_id: str, pictures: EpochPictures) -> list[EpochStat
     that goes away, or a loss that diverges, ends the stage with one line saying what is kept."""
 
     def on_epoch_end(stats: EpochStats) -> None:
-        tracking.log_metrics(stats.metrics(), step=stats.epoch)
+        tracking.log_metrics(stats.metrics(constant_lr(job.params)), step=stats.epoch)
         pictures(stats.epoch)
 
     save, saved = saver(job, run_id), {"epoch": job.state["epoch"] if job.state else 0}
@@ -204,13 +208,7 @@ def _write_outputs(job: Job, history: list[EpochStats], run_id: str, out) -> Epo
     best = history[last.best_epoch - 1]  # fit handed back this epoch's weights
     extra = {"params": config.to_dict(job.params), "run_id": run_id}
     checkpoint.save(out(paths.MODEL), job.vae, extra)
-    curves = [
-        {
-            "epoch": h.epoch,
-            **{k.replace("/", "_"): v for k, v in h.metrics().items() if k != "epoch_seconds"},
-        }
-        for h in history
-    ]
+    curves = [{"epoch": h.epoch, **h.curves()} for h in history]
     write_json(out(paths.CURVES), curves)
     write_json(
         out(paths.TRAIN_METRICS),
