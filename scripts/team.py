@@ -153,6 +153,8 @@ def usage(d: Path, state: dict) -> str:
         f"dvc remote modify team endpointurl http://127.0.0.1:{p['s3']}",
         f"dvc remote modify --local team access_key_id {secret_ref(d, S3_KEY)}",
         f"dvc remote modify --local team secret_access_key {secret_ref(d, S3_SECRET)}",
+        f"export VAEPIPE_TUNE_STORAGE=postgresql+psycopg2://{servers.PG_USER}:"
+        f"{secret_ref(d, PG_PASSWORD)}@127.0.0.1:{p['postgres']}/{servers.STUDY_DB}",
     ])  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from team_procs import BIN, TeamError, find, http_ok, identity, last_line, open_
 BUCKETS = ("mlflow", "dvc")
 ARTIFACTS = "s3://mlflow/artifacts"
 PG_DB = PG_USER = "mlflow"
+STUDY_DB = "optuna"  # vaepipe tune's study storage
 # weed mini's own ports (and gRPC ports); its worker dials the admin gRPC port at admin + 10000
 # whatever -admin.port.grpc says, so that one keeps the offset.
 WEED_PORTS = ("master", "volume", "filer", "s3")
@@ -87,7 +88,8 @@ def start_postgres(d: Path, port: int) -> dict:
 
 
 def create_pg_role(d: Path, port: int, password: str) -> None:
-    """The MLflow role (its password set from a SCRAM verifier) and database, idempotently."""
+    """The MLflow role (its password set from a SCRAM verifier), its database and the tuning
+    studies' database, idempotently."""
     pg_bin = Path(find("pg_ctl", "VAEPIPE_TEAM_PG_CTL", "apt-get install postgresql")).resolve()
     superuser = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
     sql = (
@@ -96,6 +98,10 @@ def create_pg_role(d: Path, port: int, password: str) -> None:
         f"ALTER ROLE {PG_USER} LOGIN PASSWORD '{scram_verifier(password)}';\n"
         f"SELECT 'CREATE DATABASE {PG_DB} OWNER {PG_USER}' WHERE NOT EXISTS "
         f"(SELECT FROM pg_database WHERE datname = '{PG_DB}')\\gexec\n"
+        # vaepipe tune's studies: a database of their own (Optuna and MLflow both keep an
+        # alembic_version table)
+        f"SELECT 'CREATE DATABASE {STUDY_DB} OWNER {PG_USER}' WHERE NOT EXISTS "
+        f"(SELECT FROM pg_database WHERE datname = '{STUDY_DB}')\\gexec\n"
     )
     psql = [str(pg_bin.parent / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
     psql += ["-h", str(d / "pg" / "run"), "-p", str(port), "-U", superuser, "-d", "postgres"]

@@ -176,3 +176,36 @@ def fake_ort_web(tmp: Path) -> Path:
         (dist / name).write_text("// stand-in\n")
     (dist.parent / "package.json").write_text('{"version": "0.0.0-test"}')
     return dist
+
+
+# A tiny search for the `vaepipe tune` tests: the first two trials are enqueued (a good and a
+# hopeless learning rate, so the median pruner stops the second at epoch 2), then TPE.
+TINY_STUDY = {
+    "study": "tiny",
+    "trials": 3,
+    "seed": 0,
+    "heartbeat_seconds": 2,
+    "pruning": {"min_epochs": 2, "startup_trials": 1},
+    "enqueue": [{"train.lr": 0.01}, {"train.lr": 1.0e-6}],
+    "space": {
+        "train.lr": {"low": 1.0e-6, "high": 0.02, "log": True},
+        "model.latent_dim": {"low": 2, "high": 6},
+    },
+}
+
+
+def tune_project(repo: Path, tune: dict | None = None, **overrides) -> Path:
+    """make_project (6 epochs) with a committed tune.yaml (TINY_STUDY unless given)."""
+    make_project(repo, **{"train.epochs": 6, **overrides})
+    (repo / "tune.yaml").write_text(yaml.safe_dump(tune or TINY_STUDY, sort_keys=False))
+    sh(repo, "git", "add", "tune.yaml")
+    sh(repo, "git", "commit", "-qm", "tune.yaml")
+    return repo
+
+
+def trial_states(storage: str, study: str) -> list[tuple[int, str]]:
+    """(number, state) of each trial of the study, from its database."""
+    import optuna
+
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    return [(t.number, t.state.name) for t in trials]

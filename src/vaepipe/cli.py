@@ -17,6 +17,7 @@ import numpy as np
 from vaepipe import imagefiles, paths
 from vaepipe.errors import VaepipeError, exit_on_user_error, redact
 from vaepipe.inference import commands, runtime, site
+from vaepipe.tuning import command as tuning_command
 
 ENCODER = str(paths.ENCODER)
 DECODER = str(paths.DECODER)
@@ -27,9 +28,13 @@ def cmd_runs(args) -> str:
     from vaepipe.tracking import compare  # MLflow is imported only by this command
 
     sort = args.sort and compare.metric_name(args.sort)
-    runs = compare.sort_runs(compare.load_runs(args.experiment), sort, args.desc)
+    runs = compare.sort_runs(compare.load_runs(args.experiment, args.study), sort, args.desc)
     params = args.params or compare.DEFAULT_PARAMS
-    metrics = [compare.metric_name(m) for m in args.metrics or compare.DEFAULT_METRICS]
+    metrics = args.metrics or compare.DEFAULT_METRICS
+    if args.study:
+        params = ["trial", *(args.params or compare.varying_params(runs))]
+        metrics = args.metrics or compare.TRIAL_METRICS
+    metrics = [compare.metric_name(m) for m in metrics]
     print(compare.format_table(runs, params, metrics))
     if args.plot:
         ys = [m for m in args.metrics if m.startswith("test/")] if args.metrics else None
@@ -241,6 +246,7 @@ def _add_inspection_commands(sub) -> None:
     p.add_argument("--plot", help="also draw the test metrics against --x into this .png")
     p.add_argument("--x", default="model.latent_dim", help="param on the plot's x axis")
     p.add_argument("--hue", help="param drawn as one line per value, e.g. train.beta")
+    p.add_argument("--study", help="only the trials of this `vaepipe tune` study")
     p.set_defaults(fn=cmd_runs)
 
     p = sub.add_parser("promote", help="move @champion to a better model by a paired NLL test")
@@ -260,6 +266,7 @@ def _add_inspection_commands(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the table, move no alias")
     p.set_defaults(fn=cmd_promote)
     site.add_parser(sub)
+    tuning_command.add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,7 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except VaepipeError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

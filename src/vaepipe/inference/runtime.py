@@ -205,6 +205,9 @@ def check_batch(
     return arr
 
 
+NO_GPU = "no NVIDIA driver found (libcuda.so.1 cannot be loaded): no GPU here"
+
+
 def cuda_status() -> tuple[bool, str]:
     """(usable, reason): can the CUDA provider load on this machine?"""
     import onnxruntime as ort
@@ -214,7 +217,7 @@ def cuda_status() -> tuple[bool, str]:
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return False, "no NVIDIA driver found (libcuda.so.1 cannot be loaded): no GPU here"
+        return False, NO_GPU
     if hasattr(ort, "preload_dlls"):
         try:  # CUDA/cuDNN from pip packages (nvidia-*) are found only after this
             ort.preload_dlls()

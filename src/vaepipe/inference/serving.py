@@ -60,9 +60,10 @@ class OnnxVaeModel:
         self.session = runtime.open_session(path, policy)
         s = self.session
         most = self.config["max_batch"]
+        why = "" if s.reason == runtime.NO_GPU else f" ({s.reason})"  # CPU says it all there
         print(
             f"vaepipe: model {s.input_name} -> {', '.join(s.output_names)} loaded on "
-            f"{s.provider} ({s.reason}); "
+            f"{s.provider}{why}; "
             + (f"at most {most} rows per request" if most else "no row limit per request"),
             file=sys.stderr,
             flush=True,

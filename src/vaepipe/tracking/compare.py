@@ -31,6 +31,8 @@ DEFAULT_METRICS = (
     "train_seconds",
 )
 
+# a `vaepipe tune` study's trials: what they were judged on (most train only)
+TRIAL_METRICS = ("elbo/val", "iwae/val", "best_epoch", "test/nll_iwae", "train_seconds")
 
 PROTOCOL_TAG = "test.nll_protocol"  # set by evaluate: how test/nll_iwae was measured
 
@@ -54,7 +56,9 @@ class RunRow:
     protocol: str | None = None
 
 
-def load_runs(experiment: str) -> list[RunRow]:
+def load_runs(experiment: str, study: str | None = None) -> list[RunRow]:
+    """The experiment's runs; with `study`, only the trials of that `vaepipe tune` study (the
+    trial number as the param `trial`, the params each trial searched)."""
     import mlflow
 
     from vaepipe import tracking
@@ -67,20 +71,37 @@ def load_runs(experiment: str) -> list[RunRow]:
             f"no experiment '{experiment}' in the MLflow store {tracking.tracking_uri()}; "
             "run the pipeline first (dvc repro) or pass --experiment"
         )
+    query = f"tags.`vaepipe.study` = '{study}'" if study else ""
     runs = tracking.call(
-        lambda: client.search_runs([exp.experiment_id], max_results=5000), "reading runs"
+        lambda: client.search_runs([exp.experiment_id], query, max_results=5000), "reading runs"
     )
+    if study:  # the trials, not the study's own run
+        runs = [r for r in runs if "vaepipe.trial" in r.data.tags]
+    if study and not runs:
+        raise VaepipeError(f"no run of study '{study}' in experiment '{experiment}'")
     return [
         RunRow(
             r.info.run_id,
             r.info.run_name or r.info.run_id[:8],
             r.info.status,
-            dict(r.data.params),
+            _params(r, study),
             {metric_name(k): v for k, v in r.data.metrics.items()},
             r.data.tags.get(PROTOCOL_TAG),
         )
         for r in runs
     ]
+
+
+def _params(run, study: str | None) -> dict[str, str]:
+    if not study:
+        return dict(run.data.params)
+    return {"trial": run.data.tags.get("vaepipe.trial", "?"), **run.data.params}
+
+
+def varying_params(runs: list[RunRow]) -> list[str]:
+    """The params whose values differ between the runs (a study's searched ones)."""
+    keys = sorted({k for r in runs for k in r.params} - {"trial"})
+    return [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
 
 
 def sort_runs(runs: list[RunRow], key: str | None, descending: bool = False) -> list[RunRow]:

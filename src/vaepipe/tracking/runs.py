@@ -160,6 +160,7 @@ def run(
         raise
     except Exception as e:
         why = f"{type(e).__name__}: {e}"[:5000]
+        status = getattr(e, "run_status", "FAILED")  # a pruned trial: KILLED
         raise
     finally:
         # Closed with a longer retry: a database that restarts is back in time to mark the

@@ -9,6 +9,7 @@ copy that DVC deletes) or the project root.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -243,6 +244,8 @@ def setup_uri() -> str:
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # "Creating initial MLflow database tables..." at INFO on a new store: not the stage's news
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     uri = tracking_uri()
     _check_reachable(uri)
     if uri.startswith("sqlite:///"):

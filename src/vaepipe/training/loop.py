@@ -44,23 +44,21 @@ class EpochStats:
     best_epoch: int = 0  # the epoch with the best validation objective so far
 
     def metrics(self, constant_lr: bool = False) -> dict[str, float]:
-        """Flat MLflow metric names (docs/metrics.md): `quantity/split`, so MLflow's run page
-        draws each quantity's train and val curves side by side in one section; the learning
-        rate only where a schedule changes it (a constant one is the param train.lr)."""
-        out = {f"{k}/train": v for k, v in self.train.items()}
-        out.update({f"{k}/val": v for k, v in self.val.items()})
+        """MLflow's names (docs/metrics.md): `quantity/split` (one run-page section per
+        quantity); lr only where a schedule changes it (a constant one is train.lr)."""
+        out = {f"{k}/{split}": v for split, k, v in self._terms()}
         out.update({"beta": self.beta, "epoch_seconds": self.seconds})
-        if not constant_lr:
-            out["lr"] = self.lr
-        out["best_epoch"] = self.best_epoch
-        return out
+        out.update({} if constant_lr else {"lr": self.lr})
+        return {**out, "best_epoch": self.best_epoch}
 
     def curves(self) -> dict[str, float]:
         """One row of plots/train/curves.json: `split_quantity` (dvc.yaml's plots)."""
-        out = {f"train_{k}": v for k, v in self.train.items()}
-        out.update({f"val_{k}": v for k, v in self.val.items()})
-        out.update({"beta": self.beta, "lr": self.lr, "best_epoch": self.best_epoch})
-        return out
+        out = {f"{split}_{k}": v for split, k, v in self._terms()}
+        return {**out, "beta": self.beta, "lr": self.lr, "best_epoch": self.best_epoch}
+
+    def _terms(self):
+        both = {"train": self.train, "val": self.val}
+        return [(split, k, v) for split, terms in both.items() for k, v in terms.items()]
 
 
 class TrainingDiverged(VaepipeError):

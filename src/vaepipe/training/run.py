@@ -21,6 +21,7 @@ from vaepipe.model.vae import VAE
 from vaepipe.training import distributed
 from vaepipe.training.loop import EpochStats, TrainingDiverged
 from vaepipe.training.session import Job
+from vaepipe.tuning import trial
 
 SAMPLES = 64  # prior samples (fixed z) in each per-epoch picture
 RECONSTRUCTIONS = 32  # fixed validation images, each row above its reconstructions
@@ -113,6 +114,9 @@ def open_run(job: Job) -> Iterator[str]:
     also handed to the other processes of a torchrun."""
     params, state, group = job.params, job.state, job.group
     tags = tracking.run_tags(params.data.dataset, str(job.device))
+    link = trial.from_env()
+    if link:
+        tags.update(link.tags())
     if group.enabled:
         tags["world_size"] = str(group.world_size)
     run_id = (
@@ -146,9 +150,13 @@ def fit_logged(job: Job, run_id: str, pictures: EpochPictures) -> list[EpochStat
     """fit with each epoch logged (metrics, pictures) and checkpointed; the history. A store
     that goes away, or a loss that diverges, ends the stage with one line saying what is kept."""
 
+    report = trial.reporter()  # under `vaepipe tune`: the epoch's bound to the trial
+
     def on_epoch_end(stats: EpochStats) -> None:
         tracking.log_metrics(stats.metrics(constant_lr(job.params)), step=stats.epoch)
         pictures(stats.epoch)
+        if report:
+            report(stats.epoch, stats.val)
 
     save, saved = saver(job, run_id), {"epoch": job.state["epoch"] if job.state else 0}
     if not job.state:

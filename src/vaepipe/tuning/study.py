@@ -1,0 +1,295 @@
+"""The worker of `vaepipe tune`: asks Optuna's sampler for a trial's params, runs the trial as
+`dvc exp run -n STUDY-N -S key=value ...` in this project, and reads its objective back from
+the trial's MLflow run. Several workers (one per clone, on one machine or several) share a
+study through its database; a worker killed outright leaves a trial whose heartbeat stops, and
+the next worker to start a trial marks it failed and runs its params again."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaepipe import config, signals, tracking
+from vaepipe.errors import VaepipeError, redact
+from vaepipe.fileio import atomic_path, read_json
+from vaepipe.tuning import trial as trial_side
+from vaepipe.tuning.space import TuneConfig, yaml_text
+
+HOME = Path("tuning")  # the default study database, each study's logs and summary
+STORAGE_ENV = "VAEPIPE_TUNE_STORAGE"
+MAX_FAILED_IN_A_ROW = 3
+STOP_SECONDS = 120  # a trial's dvc, asked to stop, gets this long before it is killed
+
+
+class TrialFailed(Exception):
+    """The trial's `dvc exp run` failed (not pruned): Optuna records it FAIL and goes on."""
+
+
+@dataclass
+class Worker:
+    cfg: TuneConfig
+    storage_url: str
+    experiment: str  # MLflow experiment of params.yaml
+    params_text: str  # params.yaml as it was: each trial starts from it
+    parent_run: str | None = None
+    failed_in_a_row: int = 0
+
+    @property
+    def logs(self) -> Path:
+        return HOME / self.cfg.study
+
+
+def storage_url(cfg: TuneConfig, given: str | None) -> str:
+    url = given or os.environ.get(STORAGE_ENV) or cfg.storage
+    if url:
+        return url
+    HOME.mkdir(exist_ok=True)
+    return f"sqlite:///{(HOME / 'optuna.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat: int):
+    """Optuna's database storage with heartbeats (a stale trial is failed, then retried once);
+    an unreachable database or a wrong password is one line, before any trial."""
+    import optuna
+
+    kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=4 * heartbeat,
+                heartbeat_stale_trial_callback=(
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+                ),
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VaepipeError(
+            f"cannot open the study storage {redact(url)}: {redact(first)}"
+        ) from None
+
+
+def open_study(cfg: TuneConfig, storage):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (
+        optuna.samplers.RandomSampler(seed=cfg.seed)
+        if cfg.sampler == "random"
+        else optuna.samplers.TPESampler(seed=cfg.seed)
+    )
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=cfg.pruning.startup_trials, n_warmup_steps=cfg.pruning.min_epochs
+    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=cfg.study,
+            sampler=sampler,
+            pruner=pruner,
+            directions=cfg.directions,
+            load_if_exists=True,
+        )
+    except Exception as e:
+        raise VaepipeError(f"cannot open study '{cfg.study}': {redact(str(e))}") from None
+    if len(study.directions) != len(cfg.directions):
+        raise VaepipeError(
+            f"study '{cfg.study}' has {len(study.directions)} objective(s) and tune.yaml asks "
+            f"for {len(cfg.directions)} (with_train_seconds); name another study"
+        )
+    if not study.trials:
+        for first in cfg.enqueue:
+            study.enqueue_trial(first, skip_if_exists=True)
+    return study
+
+
+@contextlib.contextmanager
+def only_worker_here():
+    """One worker per project folder: `dvc exp run` uses the workspace."""
+    HOME.mkdir(exist_ok=True)
+    with open(HOME / "worker.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaepipeError(
+                "another vaepipe tune runs in this project; a second worker needs its own clone"
+            ) from None
+        yield
+
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the worker dies
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_dvc(argv: list[str], env: dict, log: Path) -> int:
+    """`dvc exp run ...` with its output in `log`; it stops with the worker (a signal to the
+    worker stops it first, a worker killed outright sends it SIGTERM)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        try:
+            with signals.handled():
+                return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+
+
+def last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("error:", "ERROR:"))]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def trial_command(worker: Worker, name: str, values: dict) -> list[str]:
+    target = "evaluate" if worker.cfg.objective == "test" else "train"
+    sets = [a for k, v in values.items() for a in ("-S", f"{k}={yaml_text(v)}")]
+    return ["dvc", "exp", "run", "-n", name, *sets, target]
+
+
+def read_objective(worker: Worker, number: int) -> tuple[list[float], str]:
+    """The trial's objective(s) from its MLflow run (the run id of metrics/train.json)."""
+    import mlflow
+
+    run_id = read_json("metrics/train.json")["run_id"]
+    tracking.setup(worker.experiment)
+    client = mlflow.MlflowClient()
+    run = tracking.call(lambda: client.get_run(run_id), f"reading run {run_id}")
+    if run.data.tags.get(trial_side.TRIAL_TAG) != str(number):
+        raise TrialFailed(f"metrics/train.json names run {run_id}, not this trial's")
+    metrics = run.data.metrics
+    if worker.cfg.objective == "test":
+        values = [metrics["test/nll_iwae"]]
+    else:
+        best = int(metrics["best_epoch"])
+        key = "iwae/val" if "iwae/val" in metrics else "elbo/val"
+        history = tracking.call(lambda: client.get_metric_history(run_id, key), "reading")
+        values = [-next(m.value for m in history if m.step == best)]
+    if worker.cfg.with_train_seconds:
+        values.append(metrics["train_seconds"])
+    return values, run_id
+
+
+def objective(worker: Worker):
+    import optuna
+
+    def run_trial(trial: optuna.Trial):
+        values = {d.key: d.suggest(trial) for d in worker.cfg.space}
+        name = f"{worker.cfg.study}-{trial.number}"
+        trial.set_user_attr("dvc_exp", name)
+        print(f"trial {trial.number}: {_params_text(values)}", flush=True)
+        link = trial_side.Link(
+            storage=worker.storage_url,
+            study=worker.cfg.study,
+            trial_id=trial._trial_id,
+            number=trial.number,
+            parent_run=worker.parent_run,
+            prunes=worker.cfg.prunes,
+            min_epochs=worker.cfg.pruning.min_epochs,
+            startup_trials=worker.cfg.pruning.startup_trials,
+        )
+        restore_params(worker)
+        env = {**os.environ, trial_side.ENV: link.to_env(), "DVC_NO_ANALYTICS": "1"}
+        log = worker.logs / f"trial-{trial.number}.log"
+        rc = run_dvc(trial_command(worker, name, values), env, log)
+        attrs = trial.study._storage.get_trial(trial._trial_id).user_attrs
+        if rc != 0 and trial_side.PRUNED_ATTR in attrs:
+            raise optuna.TrialPruned(f"at epoch {attrs[trial_side.PRUNED_ATTR]}")
+        if rc != 0:
+            worker.failed_in_a_row += 1
+            raise TrialFailed(f"dvc exp run failed ({log}): {last_error(log)}")
+        worker.failed_in_a_row = 0
+        result, run_id = read_objective(worker, trial.number)
+        trial.set_user_attr("mlflow_run", run_id)
+        return result if worker.cfg.with_train_seconds else result[0]
+
+    return run_trial
+
+
+def _params_text(values: dict) -> str:
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
+
+
+def restore_params(worker: Worker) -> None:
+    """params.yaml as it was before the search (a trial's -S values stay in its experiment)."""
+    path = Path("params.yaml")
+    if path.read_text() != worker.params_text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(worker.params_text)
+
+
+def progress(worker: Worker):
+    import optuna
+
+    def on_trial_end(study: optuna.Study, frozen) -> None:
+        state = frozen.state.name.lower()
+        value = "" if frozen.values is None else " ".join(f"{v:.2f}" for v in frozen.values)
+        if frozen.state == optuna.trial.TrialState.PRUNED and frozen.intermediate_values:
+            epoch = max(frozen.intermediate_values)
+            value = f"at epoch {epoch} ({frozen.intermediate_values[epoch]:.2f} nats)"
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = ""
+        if done and len(study.directions) == 1:
+            b = min(done, key=lambda t: t.value)
+            best = f" | best {b.value:.2f} nats (trial {b.number})"
+        print(f"trial {frozen.number}: {state} {value}{best}".rstrip(), flush=True)
+        if worker.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            study.stop()
+            print(f"tune: {MAX_FAILED_IN_A_ROW} trials in a row failed; stopping this worker")
+
+    return on_trial_end
+
+
+def run_worker(cfg: TuneConfig, storage: str | None, trials: int | None, timeout: float | None):
+    """Run trials until the study holds `trials` finished ones (complete or pruned, all
+    workers together), or `timeout` minutes have passed; returns the study."""
+    import optuna
+
+    from vaepipe.tuning import summary
+
+    params = config.load()
+    url = storage_url(cfg, storage)
+    with only_worker_here():
+        study = open_study(cfg, open_storage(url, cfg.heartbeat_seconds))
+        worker = Worker(cfg, url, params.mlflow.experiment, Path("params.yaml").read_text())
+        worker.parent_run = summary.parent_run(study, worker.experiment)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        wanted = trials or cfg.trials
+        limit = optuna.study.MaxTrialsCallback(wanted, states=finished)
+        minutes = timeout if timeout is not None else cfg.timeout_minutes
+        done = len(study.get_trials(deepcopy=False, states=finished))
+        if done >= wanted:
+            print(f"tune: study {cfg.study} has {done} finished trials; --trials N asks for more")
+            wanted = 0
+        try:
+            if wanted:
+                study.optimize(
+                    objective(worker),
+                    timeout=minutes * 60 if minutes else None,
+                    callbacks=[limit, progress(worker)],
+                    catch=(TrialFailed, tracking.TrackingError),
+                )
+        finally:
+            restore_params(worker)
+        summary.finish(study, worker.parent_run, worker.experiment, worker.logs)
+        return study
