@@ -194,11 +194,15 @@ TINY_STUDY = {
 }
 
 
-def tune_project(repo: Path, tune: dict | None = None, **overrides) -> Path:
-    """make_project (6 epochs) with a committed tune.yaml (TINY_STUDY unless given)."""
+def tune_project(repo: Path, tune: dict | None = None, ran=True, env=None, **overrides) -> Path:
+    """make_project (6 epochs) with a committed tune.yaml (TINY_STUDY unless given), and, as
+    before a real search, the pipeline run once with its dvc.lock committed (unless ran=False)."""
     make_project(repo, **{"train.epochs": 6, **overrides})
     (repo / "tune.yaml").write_text(yaml.safe_dump(tune or TINY_STUDY, sort_keys=False))
     sh(repo, "git", "add", "tune.yaml")
+    if ran:
+        sh(repo, "dvc", "repro", env=env, timeout=900)
+        sh(repo, "git", "add", "dvc.lock")
     sh(repo, "git", "commit", "-qm", "tune.yaml")
     return repo
 

@@ -96,7 +96,7 @@ def test_the_best_trial_comes_back_with_dvc_exp_apply_and_serves(study):
     sh(repo, "dvc", "repro", timeout=900)  # its evaluation and ONNX export
     assert "train" not in sh(repo, "dvc", "status").stdout
     out = repo / "samples.png"
-    sh(repo, "vaepipe", "generate", "-n", "4", "--out", str(out))
+    sh(repo, "vaepipe", "generate", "--n", "4", "--out", str(out))
     assert out.read_bytes()[:4] == b"\x89PNG"
     sh(repo, "git", "checkout", "--", "params.yaml")
 
@@ -159,7 +159,7 @@ BAD_SPACES = [
 
 
 def test_bad_input_is_one_line_before_any_trial(tmp_path):
-    repo = tune_project(tmp_path / "repo")
+    repo = tune_project(tmp_path / "repo", ran=False)
     for change, message in BAD_SPACES:
         (repo / "tune.yaml").write_text(yaml.safe_dump({**TINY_STUDY, **change}))
         proc = tune(repo, timeout=120)
@@ -167,6 +167,10 @@ def test_bad_input_is_one_line_before_any_trial(tmp_path):
         assert message in proc.stderr and "Traceback" not in proc.stderr, (change, proc.stderr)
         assert "secret" not in proc.stderr and "trial 0" not in proc.stdout
         assert not (repo / "mlruns").exists()  # nothing logged, no run started
+        assert not (repo / "tuning" / "tiny").exists()  # no trial
+    (repo / "tune.yaml").write_text(yaml.safe_dump(TINY_STUDY))
+    proc = tune(repo, timeout=120)  # a good search, but no pipeline run to start from
+    assert proc.returncode == 2 and "run `dvc repro` once before tuning" in proc.stderr
     (repo / "tune.yaml").write_text("study: [unclosed")
     assert "tune.yaml is not valid YAML" in tune(repo, timeout=120).stderr
     proc = sh(tmp_path, "vaepipe", "tune", check=False, timeout=120)  # not in a project

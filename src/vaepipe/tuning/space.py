@@ -3,6 +3,7 @@ search it; every bound and choice is checked against params.yaml's own rules bef
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ def check_against_params(path: Path, space: tuple[Dimension, ...], raw_params: d
     known = config.flatten(params)
     for dim in space:
         if dim.key not in known:
-            close = [k for k in known if k.split(".")[-1] == dim.key.split(".")[-1]]
+            close = difflib.get_close_matches(dim.key, list(known), n=2)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(_where(path, f"unknown param '{dim.key}' in space{hint}"))
         if isinstance(known[dim.key], int) and dim.choices is None:

@@ -166,7 +166,9 @@ def trial_command(worker: Worker, name: str, values: dict) -> list[str]:
 
 
 def read_objective(worker: Worker, number: int) -> tuple[list[float], str]:
-    """The trial's objective(s) from its MLflow run (the run id of metrics/train.json)."""
+    """The trial's objective(s) from its MLflow run (the run id of metrics/train.json). Params
+    a run has trained with before are restored by DVC's run cache, not trained again: the
+    objective is then that run's (the same params and code)."""
     import mlflow
 
     run_id = read_json("metrics/train.json")["run_id"]
@@ -174,7 +176,7 @@ def read_objective(worker: Worker, number: int) -> tuple[list[float], str]:
     client = mlflow.MlflowClient()
     run = tracking.call(lambda: client.get_run(run_id), f"reading run {run_id}")
     if run.data.tags.get(trial_side.TRIAL_TAG) != str(number):
-        raise TrialFailed(f"metrics/train.json names run {run_id}, not this trial's")
+        print(f"trial {number}: DVC restored train from its run cache (MLflow run {run_id})")
     metrics = run.data.metrics
     if worker.cfg.objective == "test":
         values = [metrics["test/nll_iwae"]]
@@ -260,6 +262,24 @@ def progress(worker: Worker):
     return on_trial_end
 
 
+def check_pipeline_ran() -> None:
+    """Every stage of dvc.yaml has run here (dvc.lock): a trial runs up to train, and the
+    experiment it leaves carries the other stages' outputs from this workspace, so that
+    `dvc exp apply` of a trial brings a whole pipeline back."""
+    import yaml
+
+    def stages(path: Path) -> set:
+        return set((yaml.safe_load(path.read_text()) or {}).get("stages", {}))
+
+    ran = stages(Path("dvc.lock")) if Path("dvc.lock").exists() else set()
+    missing = sorted(stages(Path("dvc.yaml")) - ran)
+    if missing:
+        raise VaepipeError(
+            f"the pipeline has not run here ({', '.join(missing)} not in dvc.lock): run "
+            "`dvc repro` once before tuning, so each trial's experiment holds every stage"
+        )
+
+
 def run_worker(cfg: TuneConfig, storage: str | None, trials: int | None, timeout: float | None):
     """Run trials until the study holds `trials` finished ones (complete or pruned, all
     workers together), or `timeout` minutes have passed; returns the study."""
@@ -269,8 +289,15 @@ def run_worker(cfg: TuneConfig, storage: str | None, trials: int | None, timeout
 
     params = config.load()
     url = storage_url(cfg, storage)
+    if cfg.objective == "test":
+        print(
+            "tune: objective test: every trial is judged on test/nll_iwae, so the best figure "
+            "found is no longer an unbiased estimate on the test set"
+        )
     with only_worker_here():
-        study = open_study(cfg, open_storage(url, cfg.heartbeat_seconds))
+        storage = open_storage(url, cfg.heartbeat_seconds)
+        check_pipeline_ran()
+        study = open_study(cfg, storage)
         worker = Worker(cfg, url, params.mlflow.experiment, Path("params.yaml").read_text())
         worker.parent_run = summary.parent_run(study, worker.experiment)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
