@@ -143,6 +143,33 @@ def test_a_worker_killed_outright_leaves_nothing_running_and_the_study_resumes(s
     assert len(finished) == 6 and len({n for n, _ in states}) == len(states)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_worker_stops_its_trial_and_restores_params(study, sig):
+    repo, _ = study
+    params = (repo / "params.yaml").read_text()
+    before = len(trial_states(storage(repo), "tiny"))
+    worker = subprocess.Popen(
+        ["vaepipe", "tune", "--trials", str(before + 5)],
+        cwd=repo,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    log = repo / "tuning" / "tiny" / f"trial-{before}.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "epoch" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    worker.send_signal(sig)
+    out, err = worker.communicate(timeout=180)
+    assert worker.returncode == 130 and err.strip().endswith("interrupted"), err
+    assert "Traceback" not in err
+    assert dict(trial_states(storage(repo), "tiny"))[before] == "FAIL"
+    assert not [r["name"] for r in runs(repo) if r["status"] == "RUNNING"]
+    assert (repo / "params.yaml").read_text() == params
+
+
 BAD_SPACES = [
     ({"space": {"train.speed": {"low": 1, "high": 2}}}, "unknown param 'train.speed'"),
     ({"space": {"data.val_fraction": {"low": 0.1, "high": 1.5}}}, "1.5 is not allowed"),

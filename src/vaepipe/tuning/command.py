@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 from pathlib import Path
 
+from vaepipe import signals
 from vaepipe.errors import VaepipeError
 
 
@@ -35,7 +36,8 @@ def cmd_tune(args) -> str:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise VaepipeError(f"--{name} must be > 0, not {value}")
-    study.run_worker(cfg, args.storage, args.trials, args.timeout)
+    with signals.handled():  # SIGTERM as Ctrl-C: the trial's dvc stops, params.yaml is restored
+        study.run_worker(cfg, args.storage, args.trials, args.timeout)
     return f"study {cfg.study}, this worker's part"
 
 

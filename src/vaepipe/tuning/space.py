@@ -152,6 +152,12 @@ def check_against_params(path: Path, space: tuple[Dimension, ...], raw_params: d
                 ) from None
 
 
+def params_text(values: dict) -> str:
+    """`train.lr=0.001242 model.hidden=[64]`: a trial's params, floats to 4 digits."""
+    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return " ".join(shown)
+
+
 def yaml_text(value) -> str:
     """`value` as `dvc exp run -S` and params.yaml write it: 0.001, [512, 256], relu."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

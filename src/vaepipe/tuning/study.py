@@ -20,7 +20,7 @@ from vaepipe import config, signals, tracking
 from vaepipe.errors import VaepipeError, redact
 from vaepipe.fileio import atomic_path, read_json
 from vaepipe.tuning import trial as trial_side
-from vaepipe.tuning.space import TuneConfig, yaml_text
+from vaepipe.tuning.space import TuneConfig, params_text, yaml_text
 
 HOME = Path("tuning")  # the default study database, each study's logs and summary
 STORAGE_ENV = "VAEPIPE_TUNE_STORAGE"
@@ -82,7 +82,8 @@ def open_storage(url: str, heartbeat: int):
 def open_study(cfg: TuneConfig, storage):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is our own line (with the log's last error), not a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler = (
         optuna.samplers.RandomSampler(seed=cfg.seed)
         if cfg.sampler == "random"
@@ -159,10 +160,12 @@ def last_error(log: Path) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def trial_command(worker: Worker, name: str, values: dict) -> list[str]:
-    target = "evaluate" if worker.cfg.objective == "test" else "train"
+def trial_command(name: str, values: dict) -> list[str]:
+    """Up to evaluate: the experiment's headline metrics (metrics/summary.json, what `dvc exp
+    show` lists) are then the trial's own, whatever the objective; export is left to the trial
+    brought back (`dvc exp apply`, then `dvc repro`)."""
     sets = [a for k, v in values.items() for a in ("-S", f"{k}={yaml_text(v)}")]
-    return ["dvc", "exp", "run", "-n", name, *sets, target]
+    return ["dvc", "exp", "run", "-n", name, *sets, "evaluate"]
 
 
 def read_objective(worker: Worker, number: int) -> tuple[list[float], str]:
@@ -197,7 +200,7 @@ def objective(worker: Worker):
         values = {d.key: d.suggest(trial) for d in worker.cfg.space}
         name = f"{worker.cfg.study}-{trial.number}"
         trial.set_user_attr("dvc_exp", name)
-        print(f"trial {trial.number}: {_params_text(values)}", flush=True)
+        print(f"trial {trial.number}: {params_text(values)}", flush=True)
         link = trial_side.Link(
             storage=worker.storage_url,
             study=worker.cfg.study,
@@ -211,25 +214,21 @@ def objective(worker: Worker):
         restore_params(worker)
         env = {**os.environ, trial_side.ENV: link.to_env(), "DVC_NO_ANALYTICS": "1"}
         log = worker.logs / f"trial-{trial.number}.log"
-        rc = run_dvc(trial_command(worker, name, values), env, log)
+        rc = run_dvc(trial_command(name, values), env, log)
         attrs = trial.study._storage.get_trial(trial._trial_id).user_attrs
         if rc != 0 and trial_side.PRUNED_ATTR in attrs:
             raise optuna.TrialPruned(f"at epoch {attrs[trial_side.PRUNED_ATTR]}")
         if rc != 0:
             worker.failed_in_a_row += 1
-            raise TrialFailed(f"dvc exp run failed ({log}): {last_error(log)}")
+            why = f"dvc exp run failed: {last_error(log)} (all of it: {log})"
+            trial.set_user_attr("error", why)
+            raise TrialFailed(why)
         worker.failed_in_a_row = 0
         result, run_id = read_objective(worker, trial.number)
         trial.set_user_attr("mlflow_run", run_id)
         return result if worker.cfg.with_train_seconds else result[0]
 
     return run_trial
-
-
-def _params_text(values: dict) -> str:
-    return " ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-    )
 
 
 def restore_params(worker: Worker) -> None:
@@ -254,6 +253,8 @@ def progress(worker: Worker):
         if done and len(study.directions) == 1:
             b = min(done, key=lambda t: t.value)
             best = f" | best {b.value:.2f} nats (trial {b.number})"
+        if frozen.state == optuna.trial.TrialState.FAIL:
+            value = frozen.user_attrs.get("error", "")
         print(f"trial {frozen.number}: {state} {value}{best}".rstrip(), flush=True)
         if worker.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
             study.stop()

@@ -9,6 +9,7 @@ import contextlib
 from pathlib import Path
 
 from vaepipe import tracking
+from vaepipe.tuning.space import params_text
 from vaepipe.tuning.trial import STUDY_TAG
 
 ROLE_TAG = "vaepipe.role"
@@ -67,7 +68,7 @@ def best_lines(study) -> list[str]:
 
 
 def _trial_line(t, value: str) -> str:
-    params = " ".join(f"{k}={v}" for k, v in t.params.items())
+    params = params_text(t.params)
     name = t.user_attrs.get("dvc_exp", "?")
     return f"  trial {t.number}: {value} | {params} | dvc exp apply {name}"
 

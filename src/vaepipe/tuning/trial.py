@@ -76,8 +76,9 @@ class Reporter:
             study = optuna.load_study(study_name=link.study, storage=link.storage, pruner=pruner)
             self.trial = optuna.trial.Trial(study, link.trial_id)
         except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise VaepipeError(
-                f"cannot reach study '{link.study}' of trial {link.number}: {e}"
+                f"cannot reach study '{link.study}' of trial {link.number}: {first}"
             ) from None
 
     def __call__(self, epoch: int, val: dict[str, float]) -> None:
