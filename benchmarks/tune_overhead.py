@@ -68,7 +68,7 @@ def main() -> None:
             "trials": args.trials,
             "pruning": {"enabled": False},
             "enqueue": [{"train.lr": lr} for lr in lrs],
-            "space": {"train.lr": {"low": 0.001, "high": 0.01}},
+            "space": {"train.lr": {"low": 0.001, "high": 0.05}},
         }
         (tuned / "tune.yaml").write_text(yaml.safe_dump(study))
         engine = timed(tuned, "vaepipe", "tune")

@@ -15,6 +15,11 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1:***@", text)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, password-free (a driver's message may go on for lines)."""
+    return redact((str(e).strip().splitlines() or [type(e).__name__])[0])
+
+
 class VaepipeError(Exception):
     """An error caused by the user's input (params, files, payloads), not by a bug. Its message
     never holds a URI's password (it is shown, and recorded in a run's error tag)."""

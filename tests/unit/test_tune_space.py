@@ -58,3 +58,23 @@ def test_a_bad_search_space_names_what_is_wrong(change, message):
     with pytest.raises(ConfigError) as e:
         space.parse(space.DEFAULT_FILE, {**SPACE, **change}, params_dict())
     assert message in str(e.value) and str(e.value).startswith("tune.yaml: ")
+
+
+def test_a_float_param_with_whole_bounds_is_searched_as_floats():
+    beta = {**SPACE, "space": {"train.beta": {"low": 1, "high": 4}}}
+    cfg = space.parse(space.DEFAULT_FILE, beta, params_dict())
+    values = {cfg.space[0].suggest(optuna.trial.FixedTrial({"train.beta": 2.5}))}
+    assert values == {2.5} and isinstance(cfg.space[0].low, float)
+
+
+def test_enqueued_params_are_checked_and_taken_as_optuna_takes_them():
+    first = {"model.hidden": [64], "train.lr": 0.001}
+    cfg = space.parse(space.DEFAULT_FILE, {**SPACE, "enqueue": [first]}, params_dict())
+    assert cfg.enqueue == ({"model.hidden": "[64]", "train.lr": 0.001},)
+    study = optuna.create_study()
+    study.enqueue_trial(cfg.enqueue[0])
+    trial = study.ask()
+    assert {d.key: d.suggest(trial) for d in cfg.space}["model.hidden"] == [64]
+    for bad in ({"train.lr": 0.5}, {"model.hidden": [7]}, {"train.epochs": 3}):
+        with pytest.raises(ConfigError, match="outside its space|not in the space"):
+            space.parse(space.DEFAULT_FILE, {**SPACE, "enqueue": [bad]}, params_dict())

@@ -74,3 +74,24 @@ def test_a_trial_closed_under_it_stops_the_stage(study, monkeypatch):
     s.tell(t, state=optuna.trial.TrialState.FAIL)  # what a heartbeat does to a silent worker
     with pytest.raises(VaepipeError, match="can no longer be reported to"):
         report(1, {"elbo": -20.0})
+
+
+def test_a_multi_objective_trial_reports_nothing(monkeypatch, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = optuna.create_study(study_name="s", storage=storage, directions=["minimize"] * 2)
+    monkeypatch.setenv(trial.ENV, link(storage, s.ask(), objectives=2).to_env())
+    assert trial.reporter() is None  # Optuna takes no per-epoch values from such a study
+
+
+def test_the_summary_counts_pruned_trials_apart_from_complete_ones(study, tmp_path):
+    from vaepipe.tuning import summary
+
+    _, s = study
+    t = s.ask()
+    t.report(10.0, 1)  # better than the complete trial's 25, but pruned: not the best
+    s.tell(t, state=optuna.trial.TrialState.PRUNED)
+    assert [(m.key, m.value) for m in summary._metrics(s) if m.key == "best_nll"] == [
+        ("best_nll", 25.0)
+    ]
+    assert "trial 0: 25.00" in summary.best_lines(s)[1]
+    assert [p.name for p in summary.pictures(s, tmp_path, {})] == ["history.png"]

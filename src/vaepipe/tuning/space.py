@@ -3,6 +3,7 @@ search it; every bound and choice is checked against params.yaml's own rules bef
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -128,11 +129,15 @@ def _dimension(path: Path, key: str, spec: Any) -> Dimension:
     return Dimension(key, low=low, high=high, log=log, step=step)
 
 
-def check_against_params(path: Path, space: tuple[Dimension, ...], raw_params: dict) -> None:
+def check_against_params(
+    path: Path, space: tuple[Dimension, ...], raw_params: dict
+) -> tuple[Dimension, ...]:
     """Every key is a param of params.yaml, and each bound or choice, set alone, is a value
-    params.yaml accepts (its ranges, types and combinations)."""
+    params.yaml accepts (its ranges, types and combinations); the space with a float param's
+    bounds as floats (`train.beta: {low: 1, high: 4}` searches 1.0 to 4.0, not 1, 2, 3, 4)."""
     params = config.from_dict(raw_params)
     known = config.flatten(params)
+    out = []
     for dim in space:
         if dim.key not in known:
             close = difflib.get_close_matches(dim.key, list(known), n=2)
@@ -150,6 +155,31 @@ def check_against_params(path: Path, space: tuple[Dimension, ...], raw_params: d
                 raise ConfigError(
                     _where(path, f"space '{dim.key}': {value!r} is not allowed: {e}")
                 ) from None
+        if isinstance(known[dim.key], float) and dim.choices is None:
+            dim = dataclasses.replace(dim, low=float(dim.low), high=float(dim.high))
+        out.append(dim)
+    return tuple(out)
+
+
+def check_enqueued(path: Path, first: dict, space: tuple[Dimension, ...]) -> dict:
+    """A param set to try first: each value within its dimension; as Optuna takes it (a list
+    choice as its YAML text)."""
+    dims = {d.key: d for d in space}
+    unknown = sorted(set(first) - set(dims))
+    if unknown:
+        raise ConfigError(_where(path, f"enqueue: {unknown} are not in the space"))
+    out = {}
+    for key, value in first.items():
+        dim = dims[key]
+        if dim.choices is not None:
+            ok = value in list(dim.choices)
+        else:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = number and dim.low <= value <= dim.high
+        if not ok:
+            raise ConfigError(_where(path, f"enqueue: {key}={value!r} is outside its space"))
+        out[key] = _scalar(value)
+    return out
 
 
 def params_text(values: dict) -> str:
@@ -205,16 +235,11 @@ def parse(path: Path, raw: Any, raw_params: dict) -> TuneConfig:
     if not isinstance(space, dict) or not space:
         raise ConfigError(_where(path, "space must map params.yaml keys to ranges or choices"))
     dims = tuple(_dimension(path, str(k), v) for k, v in space.items())
-    check_against_params(path, dims, raw_params)
+    dims = check_against_params(path, dims, raw_params)
     enqueue = raw.get("enqueue") or []
     if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
         raise ConfigError(_where(path, "enqueue must be a list of {param: value} mappings"))
-    names = {d.key for d in dims}
-    for first in enqueue:
-        if set(first) - names:
-            raise ConfigError(
-                _where(path, f"enqueue: {sorted(set(first) - names)} are not in the space")
-            )
+    enqueue = [check_enqueued(path, {str(k): v for k, v in e.items()}, dims) for e in enqueue]
     with_seconds = raw.get("with_train_seconds", False)
     if not isinstance(with_seconds, bool):
         raise ConfigError(_where(path, "with_train_seconds must be true or false"))
@@ -238,7 +263,7 @@ def parse(path: Path, raw: Any, raw_params: dict) -> TuneConfig:
         pruning=_pruning(path, raw.get("pruning")),
         storage=storage,
         heartbeat_seconds=_positive(path, "heartbeat_seconds", raw.get("heartbeat_seconds", 15)),
-        enqueue=tuple({str(k): v for k, v in e.items()} for e in enqueue),
+        enqueue=tuple(enqueue),
     )
 
 

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import warnings
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaepipe import config, signals, tracking
-from vaepipe.errors import VaepipeError, redact
+from vaepipe.errors import VaepipeError, first_line, redact
 from vaepipe.fileio import atomic_path, read_json
+from vaepipe.tuning import summary
 from vaepipe.tuning import trial as trial_side
 from vaepipe.tuning.space import TuneConfig, params_text, yaml_text
 
@@ -73,10 +75,8 @@ def open_storage(url: str, heartbeat: int):
                 ),
             )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VaepipeError(
-            f"cannot open the study storage {redact(url)}: {redact(first)}"
-        ) from None
+        why = first_line(e)
+        raise VaepipeError(f"cannot open the study storage {redact(url)}: {why}") from None
 
 
 def open_study(cfg: TuneConfig, storage):
@@ -84,11 +84,6 @@ def open_study(cfg: TuneConfig, storage):
 
     # ERROR: a failed trial is our own line (with the log's last error), not a traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = (
-        optuna.samplers.RandomSampler(seed=cfg.seed)
-        if cfg.sampler == "random"
-        else optuna.samplers.TPESampler(seed=cfg.seed)
-    )
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=cfg.pruning.startup_trials, n_warmup_steps=cfg.pruning.min_epochs
     )
@@ -96,7 +91,6 @@ def open_study(cfg: TuneConfig, storage):
         study = optuna.create_study(
             storage=storage,
             study_name=cfg.study,
-            sampler=sampler,
             pruner=pruner,
             directions=cfg.directions,
             load_if_exists=True,
@@ -108,10 +102,40 @@ def open_study(cfg: TuneConfig, storage):
             f"study '{cfg.study}' has {len(study.directions)} objective(s) and tune.yaml asks "
             f"for {len(cfg.directions)} (with_train_seconds); name another study"
         )
+    study.sampler = sampler(cfg, offset=len(study.trials))
     if not study.trials:
+        check_names_free(cfg.study)
         for first in cfg.enqueue:
             study.enqueue_trial(first, skip_if_exists=True)
     return study
+
+
+def sampler(cfg: TuneConfig, offset: int):
+    """TPE (with a constant liar: trials other workers are running count as bad guesses, so
+    workers spread out) or random; a worker joining a study later draws from the seed moved
+    by the trials so far, so workers with one tune.yaml do not repeat each other's draws."""
+    import optuna
+
+    seed = None if cfg.seed is None else cfg.seed + offset
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():  # constant_liar is "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def check_names_free(study: str) -> None:
+    """A new study names its experiments STUDY-0, STUDY-1...: refused while experiments of
+    an earlier study of that name exist on this commit (DVC would refuse each trial)."""
+    listed = subprocess.run(
+        ["dvc", "exp", "list", "--name-only"], capture_output=True, text=True, timeout=120
+    )
+    taken = [n for n in listed.stdout.split() if re.fullmatch(rf"{re.escape(study)}-\d+", n)]
+    if taken:
+        raise VaepipeError(
+            f"experiments of an earlier study '{study}' exist here ({', '.join(taken[:3])}...): "
+            f"`dvc exp remove {' '.join(taken[:3])} ...` first, or name another study"
+        )
 
 
 @contextlib.contextmanager
@@ -128,30 +152,51 @@ def only_worker_here():
         yield
 
 
-def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the worker dies
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """What the child runs before exec: SIGTERM when the worker dies. libc is loaded here, in
+    the parent, not after the fork (the heartbeat thread may hold a lock then)."""
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:  # not Linux: a killed worker's dvc runs its trial to the end
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run_dvc(argv: list[str], env: dict, log: Path) -> int:
-    """`dvc exp run ...` with its output in `log`; it stops with the worker (a signal to the
-    worker stops it first, a worker killed outright sends it SIGTERM)."""
+    """`dvc exp run ...` in a session of its own, with its output in `log`. A signal to the
+    worker becomes SIGINT to that session (the stage stops as on Ctrl-C: its run KILLED, a
+    checkpoint saved; dvc waits for it); a worker killed outright has the kernel send dvc
+    SIGTERM, and the stage stops with dvc."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         try:
             with signals.handled():
                 return proc.wait()
         except KeyboardInterrupt:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
             raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, STOP_SECONDS), (signal.SIGKILL, 30)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def last_error(log: Path) -> str:
@@ -201,6 +246,9 @@ def objective(worker: Worker):
         name = f"{worker.cfg.study}-{trial.number}"
         trial.set_user_attr("dvc_exp", name)
         print(f"trial {trial.number}: {params_text(values)}", flush=True)
+        # the study's run as the study records it: of two workers that started at the same
+        # moment and each made one, the one set last
+        worker.parent_run = trial.study.user_attrs.get(summary.PARENT_ATTR, worker.parent_run)
         link = trial_side.Link(
             storage=worker.storage_url,
             study=worker.cfg.study,
@@ -210,6 +258,7 @@ def objective(worker: Worker):
             prunes=worker.cfg.prunes,
             min_epochs=worker.cfg.pruning.min_epochs,
             startup_trials=worker.cfg.pruning.startup_trials,
+            objectives=len(worker.cfg.directions),
         )
         restore_params(worker)
         env = {**os.environ, trial_side.ENV: link.to_env(), "DVC_NO_ANALYTICS": "1"}
@@ -223,8 +272,14 @@ def objective(worker: Worker):
             why = f"dvc exp run failed: {last_error(log)} (all of it: {log})"
             trial.set_user_attr("error", why)
             raise TrialFailed(why)
+        try:
+            result, run_id = read_objective(worker, trial.number)
+        except (KeyError, StopIteration, OSError, ValueError, tracking.TrackingError) as e:
+            worker.failed_in_a_row += 1
+            why = f"no objective in the trial's run ({type(e).__name__}: {e})"
+            trial.set_user_attr("error", redact(why))
+            raise TrialFailed(why) from None
         worker.failed_in_a_row = 0
-        result, run_id = read_objective(worker, trial.number)
         trial.set_user_attr("mlflow_run", run_id)
         return result if worker.cfg.with_train_seconds else result[0]
 
@@ -263,10 +318,16 @@ def progress(worker: Worker):
     return on_trial_end
 
 
+def sqlalchemy_error() -> type:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return SQLAlchemyError
+
+
 def check_pipeline_ran() -> None:
-    """Every stage of dvc.yaml has run here (dvc.lock): a trial runs up to train, and the
-    experiment it leaves carries the other stages' outputs from this workspace, so that
-    `dvc exp apply` of a trial brings a whole pipeline back."""
+    """Every stage of dvc.yaml has run here (dvc.lock): a trial runs up to evaluate, and the
+    experiment it leaves carries export's outputs from this workspace, so that `dvc exp apply`
+    of a trial brings a whole pipeline back."""
     import yaml
 
     def stages(path: Path) -> set:
@@ -285,8 +346,6 @@ def run_worker(cfg: TuneConfig, storage: str | None, trials: int | None, timeout
     """Run trials until the study holds `trials` finished ones (complete or pruned, all
     workers together), or `timeout` minutes have passed; returns the study."""
     import optuna
-
-    from vaepipe.tuning import summary
 
     params = config.load()
     url = storage_url(cfg, storage)
@@ -315,9 +374,13 @@ def run_worker(cfg: TuneConfig, storage: str | None, trials: int | None, timeout
                     objective(worker),
                     timeout=minutes * 60 if minutes else None,
                     callbacks=[limit, progress(worker)],
-                    catch=(TrialFailed, tracking.TrackingError),
+                    catch=(TrialFailed,),
                 )
+        except (optuna.exceptions.StorageInternalError, sqlalchemy_error()) as e:
+            why = first_line(e)
+            raise VaepipeError(f"the study storage {redact(url)} failed: {why}") from None
         finally:
             restore_params(worker)
-        summary.finish(study, worker.parent_run, worker.experiment, worker.logs)
+        parent = study.user_attrs.get(summary.PARENT_ATTR, worker.parent_run)
+        summary.finish(study, parent, worker.experiment, worker.logs)
         return study

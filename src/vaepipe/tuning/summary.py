@@ -44,6 +44,11 @@ def parent_run(study, experiment: str) -> str:
     return winner
 
 
+def _complete(study) -> list:
+    """The complete trials, by number (a pruned one has a value too: its last report)."""
+    return [t for t in study.trials if t.state.name == "COMPLETE"]
+
+
 def _counts(study) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in study.trials:
@@ -76,12 +81,12 @@ def _trial_line(t, value: str) -> str:
 def importances(study) -> dict[str, float]:
     import optuna
 
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(done) < 2:
+    if len(_complete(study)) < 2:
         return {}
     target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+    fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
-        return optuna.importance.get_param_importances(study, target=target)
+        return optuna.importance.get_param_importances(study, evaluator=fanova, target=target)
     except (RuntimeError, ValueError):  # e.g. a single value of every param so far
         return {}
 
@@ -97,19 +102,18 @@ def pictures(study, folder: Path, weights: dict[str, float]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    best, xs, ys = float("inf"), [], []
-    for t in study.trials:
-        if t.values:
-            ax.plot(t.number, t.values[0], "o", color="tab:blue")
-            best = min(best, t.values[0])
-            xs.append(t.number)
-            ys.append(best)
-        elif t.state.name == "PRUNED" and t.intermediate_values:
-            last = t.intermediate_values[max(t.intermediate_values)]
-            ax.plot(t.number, last, "x", color="tab:red")
-    ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+    done = _complete(study)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
+    best = [min(t.values[0] for t in done[: i + 1]) for i in range(len(done))]
+    if done:
+        ax.plot([t.number for t in done], [t.values[0] for t in done], "o", label="complete")
+        ax.step([t.number for t in done], best, where="post", label="best so far")
+    if pruned:  # at their last report
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        ax.plot([t.number for t in pruned], last, "x", color="tab:red", label="pruned")
     ax.set(xlabel="trial", ylabel="NLL bound (nats)", title=f"study {study.study_name}")
-    ax.legend(["complete", "best so far"] if xs else [])
+    if done or pruned:
+        ax.legend()
     ax.grid(alpha=0.3)
     out.append(_save(fig, folder / "history.png"))
     if weights:
@@ -150,10 +154,9 @@ def _metrics(study) -> list:
     from mlflow.entities import Metric
 
     now, best, out = int(time.time() * 1000), float("inf"), []
-    for t in sorted(study.trials, key=lambda t: t.number):
-        if t.values:
-            best = min(best, t.values[0])
-            out.append(Metric("best_nll", best, now, t.number))
+    for t in _complete(study):
+        best = min(best, t.values[0])
+        out.append(Metric("best_nll", best, now, t.number))
     out += [Metric(f"trials_{k}", n, now, 0) for k, n in _counts(study).items()]
     return out
 

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from vaepipe.errors import VaepipeError
+from vaepipe.errors import VaepipeError, first_line
 
 ENV = "VAEPIPE_TRIAL"
 STUDY_TAG, TRIAL_TAG = "vaepipe.study", "vaepipe.trial"
@@ -34,6 +34,7 @@ class Link:
     prunes: bool
     min_epochs: int
     startup_trials: int
+    objectives: int = 1  # Optuna takes per-epoch reports of single-objective studies only
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -76,9 +77,8 @@ class Reporter:
             study = optuna.load_study(study_name=link.study, storage=link.storage, pruner=pruner)
             self.trial = optuna.trial.Trial(study, link.trial_id)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise VaepipeError(
-                f"cannot reach study '{link.study}' of trial {link.number}: {first}"
+                f"cannot reach study '{link.study}' of trial {link.number}: {first_line(e)}"
             ) from None
 
     def __call__(self, epoch: int, val: dict[str, float]) -> None:
@@ -103,4 +103,4 @@ class Reporter:
 
 def reporter() -> Reporter | None:
     link = from_env()
-    return Reporter(link) if link else None
+    return Reporter(link) if link and link.objectives == 1 else None
