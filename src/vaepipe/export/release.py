@@ -291,8 +291,9 @@ def register(vae, files: dict, sessions: dict, params: config.Params, facts: dic
                 "parity_max_abs_err": f"{results['parity_max_abs_err']:.3g}",
             }
         )
-        tracking.log_table(parity_table(results), "export/parity.json")
-        return log_models(vae, files, sessions, params, facts)
+        versions = log_models(vae, files, sessions, params, facts)
+        tracking.log_table(parity_table(results), "export/parity.json")  # the models first
+        return versions
 
 
 def parity_table(results: dict) -> dict[str, list]:
