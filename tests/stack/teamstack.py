@@ -190,12 +190,20 @@ def start_queue(repo: Path, env, jobs: int) -> None:
 
 
 def wait_queue(repo: Path, env, timeout: float) -> dict[str, str]:
-    def done():
-        states = queue_states(repo, env)
-        busy = [n for n, s in states.items() if s in ("Queued", "Running")]
-        return None if busy else states
+    """The queue's final states once nothing is Queued or Running; on a timeout the assertion
+    names each experiment's state and what `dvc queue logs` kept of the unfinished ones."""
+    last = {}
 
-    return wait_for(f"the DVC queue of {repo}", done, timeout, every=3)
+    def done():
+        last.update(queue_states(repo, env))
+        busy = [n for n, s in last.items() if s in ("Queued", "Running")]
+        return None if busy else dict(last)
+
+    try:
+        return wait_for(f"the DVC queue of {repo}", done, timeout, every=3)
+    except AssertionError as e:
+        busy = [n for n, s in last.items() if s in ("Queued", "Running")]
+        raise AssertionError(f"{e}; {last}\n{queue_logs(repo, busy, env)}") from None
 
 
 @contextlib.contextmanager

@@ -167,7 +167,8 @@ def test_postgres_restarted_under_a_two_worker_sweep_loses_no_run(stack, tmp_pat
         postgres_away(5)  # a restart: within the retries
         training({"pg13", "pg14"})
         postgres_away(store.RETRY_SECONDS + 7)  # longer than the retries
-        states = wait_queue(repo, env, 300)
+        # Two machines' worth of work on a CI machine that also runs the other tiers: generous
+        states = wait_queue(repo, env, 600)
         print(f"experiments: {states}")
         failed = [n for n, s in states.items() if s != "Success"]
         exp_id = client.get_experiment_by_name("fault-postgres").experiment_id
@@ -180,7 +181,7 @@ def test_postgres_restarted_under_a_two_worker_sweep_loses_no_run(stack, tmp_pat
                f"train.seed={name.removeprefix('pg')}", "train")  # fmt: skip
         if failed:
             start_queue(repo, env, 2)
-            again = wait_queue(repo, env, 300)
+            again = wait_queue(repo, env, 600)
             assert all(again[f"{n}-again"] == "Success" for n in failed), again
 
     runs = client.search_runs([exp_id], max_results=1000)

@@ -10,9 +10,11 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import random
 import re
 import signal
 import subprocess
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from vaepipe.tuning.space import TuneConfig, params_text, yaml_text
 HOME = Path("tuning")  # the default study database, each study's logs and summary
 STORAGE_ENV = "VAEPIPE_TUNE_STORAGE"
 MAX_FAILED_IN_A_ROW = 3
+STORAGE_ATTEMPTS = 4  # opening a new database that another worker is creating too
 STOP_SECONDS = 120  # a trial's dvc, asked to stop, gets this long before it is killed
 
 
@@ -61,22 +64,34 @@ def open_storage(url: str, heartbeat: int):
     an unreachable database or a wrong password is one line, before any trial."""
     import optuna
 
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
     kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=heartbeat,
-                grace_period=4 * heartbeat,
-                heartbeat_stale_trial_callback=(
-                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-                ),
-            )
-    except Exception as e:
-        why = first_line(e)
-        raise VaepipeError(f"cannot open the study storage {redact(url)}: {why}") from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=heartbeat,
+                    grace_period=4 * heartbeat,
+                    heartbeat_stale_trial_callback=(
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+                    ),
+                )
+        except (IntegrityError, OperationalError, ProgrammingError) as e:
+            # Two workers starting on a new database at once both create Optuna's tables; the
+            # one that loses the race sees a duplicate table, type or version row: the tables
+            # exist now. Anything else (unreachable, wrong password) is final.
+            lost_race = not isinstance(e, OperationalError) or "already exists" in str(e)
+            if not lost_race or attempt + 1 == STORAGE_ATTEMPTS:
+                why = first_line(e)
+                raise VaepipeError(f"cannot open the study storage {redact(url)}: {why}") from None
+            time.sleep(0.5 + random.random())
+        except Exception as e:
+            why = first_line(e)
+            raise VaepipeError(f"cannot open the study storage {redact(url)}: {why}") from None
 
 
 def open_study(cfg: TuneConfig, storage):
