@@ -63,7 +63,6 @@ def open_storage(url: str, heartbeat: int):
     """Optuna's database storage with heartbeats (a stale trial is failed, then retried once);
     an unreachable database or a wrong password is one line, before any trial."""
     import optuna
-
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
