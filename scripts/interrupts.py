@@ -174,10 +174,10 @@ def wait_for_point(repo: Path, stage: str, pid: int, point: str) -> bool:
 
 
 def interrupt(repo: Path, stage: str, sig: signal.Signals, whom: str, point: str = "middle",
-              shell: str = "/bin/bash") -> float:  # fmt: skip
+              shell: str = "/bin/bash") -> tuple[float, str]:  # fmt: skip
     """Run `dvc repro` and send `sig` to the stage (or to dvc) at `point` of `stage`; wait for
     the stage to stop and, unless killed outright, for its run to close. Seconds it took from
-    the signal until then."""
+    the signal until then, and what `dvc repro` printed."""
     proc = start_repro(repo, shell=shell)
     try:
 
@@ -196,11 +196,11 @@ def interrupt(repo: Path, stage: str, sig: signal.Signals, whom: str, point: str
                 os.killpg(proc.pid, signal.SIGKILL)  # what a closed terminal does to its group
         except ProcessLookupError:
             pass  # it ended first: its outputs must then be the new ones, whole
-        proc.wait(timeout=300)
+        printed, _ = proc.communicate(timeout=300)
         wait_until(f"{stage} stopped", lambda: not stage_pids(stage, repo), timeout=180)
         if sig != signal.SIGKILL:  # a stage killed outright cannot close its run
             wait_until("no run RUNNING", lambda: "RUNNING" not in runs(repo).values(), 180)
-        return time.monotonic() - sent
+        return time.monotonic() - sent, printed
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -232,7 +232,7 @@ def run_case(repo: Path, stage: str, sig: signal.Signals, whom: str, point: str 
     before, old_seed = fingerprint(repo, stage), seed(repo, stage)
     sandbox.set_params(repo, {SEED[stage]: old_seed + 1})
     try:
-        took = interrupt(repo, stage, sig, whom, point, shell)
+        took, printed = interrupt(repo, stage, sig, whom, point, shell)
         interrupted = fingerprint(repo, stage)
         assert not temp_files(repo), temp_files(repo)
     finally:
@@ -240,7 +240,13 @@ def run_case(repo: Path, stage: str, sig: signal.Signals, whom: str, point: str 
             sandbox.set_params(repo, {SEED[stage]: old_seed})
     assert_clean(repo)
     now = fingerprint(repo, stage)
-    assert interrupted in (before, now if retry else before), f"{stage}: old and new outputs"
+    if interrupted not in (before, now if retry else before):
+        changed = sorted(f for f in interrupted if interrupted[f] != before.get(f))
+        raise AssertionError(
+            f"{stage}: old and new outputs: {changed} changed, {len(before) - len(changed)} "
+            f"kept; the signal was sent {took:.1f} s before the stage stopped; dvc repro "
+            f"printed:\n{printed[-3000:]}"
+        )
     outcome = "old outputs kept" if interrupted == before else "it finished first: new outputs"
     return f"{outcome}; stopped {took:.1f} s after the signal"
 
