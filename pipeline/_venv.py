@@ -9,7 +9,8 @@ with one line saying what to do. Standard library only until then.
 Then the stage watches its parent (vaepipe.signals.stop_with_parent): `dvc repro` killed by
 SIGTERM exits without stopping its stage. The parent is read here, before the slow imports, so
 a stage orphaned while it starts stops too; when the parent is the `$SHELL -c` DVC runs the
-command through and that shell stayed (dash does), DVC above it is watched as well.
+command through and that shell stayed (dash does), DVC above it is watched as well. Until the
+stage's main() begins, a SIGINT/SIGTERM ends it at once (vaepipe.signals.exit_while_starting).
 """
 
 import importlib.util
@@ -70,4 +71,5 @@ ensure()
 
 from vaepipe import signals  # noqa: E402  (once the packages are there)
 
+signals.exit_while_starting()  # the stage's slow imports follow: a signal there ends it
 signals.stop_with_parent(WATCHED)

@@ -49,6 +49,9 @@ def exit_on_user_error(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from vaepipe import signals
+
+        signals.started()  # a stage's imports are done: Ctrl-C is a KeyboardInterrupt again
         try:
             return fn(*args, **kwargs)
         except VaepipeError as e:

@@ -115,6 +115,39 @@ def uninterrupted() -> Iterator[None]:
             raise KeyboardInterrupt(pending)
 
 
+_STARTING: dict = {}  # the handlers exit_while_starting() replaced, until started()
+
+
+def _exit_at_once(signum, frame) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+def exit_while_starting() -> None:
+    """Until `started()`, a SIGINT/SIGTERM ends the process at once: a stage that is still
+    importing has written nothing. Python's own KeyboardInterrupt is not enough there: raised
+    inside an import, it can be swallowed by a library that catches everything around an
+    optional import (numpy imported under torch is one), and the stage would then run to the
+    end as if nobody had asked it to stop. A signal the process inherited as ignored stays so."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        previous = signal.getsignal(sig)
+        if previous is not signal.SIG_IGN:
+            _STARTING[sig] = previous
+            signal.signal(sig, _exit_at_once)
+
+
+def started() -> None:
+    """The process's own handlers again (KeyboardInterrupt on SIGINT), where
+    exit_while_starting() replaced them."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    while _STARTING:
+        sig, previous = _STARTING.popitem()
+        signal.signal(sig, previous)
+
+
 def parent_of(pid: int) -> int | None:
     """The parent pid of `pid` (None when it is gone or there is no /proc to ask)."""
     try:

@@ -122,3 +122,68 @@ def test_a_stage_run_through_a_shell_stops_when_the_launcher_is_gone(shell, tmp_
         [sys.executable, "-c", SHELL_LAUNCHER, shell, command, "3"], timeout=60, check=True
     )
     wait_gone(int(pid_file.read_text()))
+
+
+STARTING = """
+import os, signal, sys
+from vaepipe import signals
+from vaepipe.errors import exit_on_user_error
+
+signals.exit_while_starting()
+try:  # a library's import that catches everything, as numpy's under torch does
+    os.kill(os.getpid(), signal.SIG{name})
+except BaseException:
+    pass
+print("ran on after the signal")
+
+@exit_on_user_error
+def main():
+    print("main")
+main()
+"""
+
+STARTED = """
+import os, signal
+from vaepipe import signals
+from vaepipe.errors import exit_on_user_error
+
+signals.exit_while_starting()
+
+@exit_on_user_error
+def main():
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    print("main")
+    os.kill(os.getpid(), signal.SIGINT)
+    print("ran on after the signal")
+main()
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_a_signal_while_a_stage_imports_ends_it_even_where_a_library_swallows_it(name):
+    """A stage still importing has written nothing: a signal ends it at once, with the status
+    of an interrupted stage, even inside an `except BaseException` of a library."""
+    proc = subprocess.run(
+        [sys.executable, "-c", STARTING.format(name=name)], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc
+    assert proc.stderr == "interrupted\n" and proc.stdout == "", proc
+
+
+def test_once_the_stage_runs_sigint_is_a_keyboard_interrupt_again():
+    proc = subprocess.run(
+        [sys.executable, "-c", STARTED], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 130, proc
+    assert proc.stdout == "main\n" and proc.stderr == "interrupted\n", proc
+
+
+def test_a_signal_inherited_as_ignored_stays_ignored():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os, signal\nfrom vaepipe import signals\n"
+         "signals.exit_while_starting()\nos.kill(os.getpid(), signal.SIGINT)\nprint('on')"],
+        capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == "on\n", proc
