@@ -16,7 +16,7 @@ from vaepipe.evaluation import likelihood
 from vaepipe.export import graphs
 from vaepipe.inference import runtime
 from vaepipe.model import objectives, priors
-from vaepipe.model.vae import ACTIVATIONS as VAE_ACTIVATIONS
+from vaepipe.model.layers import ACTIVATIONS as VAE_ACTIVATIONS
 from vaepipe.model.vae import VAE, VAEConfig
 from vaepipe.training.loop import fit
 
@@ -152,10 +152,16 @@ def test_hvae_topdown_log_densities_are_the_two_layers_as_written():
 
 @pytest.mark.parametrize(
     ("arch", "prior"),
-    [("hvae", "standard"), ("mlp", "vamp"), ("hvae", "mog"), ("hvae_topdown", "standard")],
+    [
+        ("hvae", "standard"),
+        ("mlp", "vamp"),
+        ("hvae", "mog"),
+        ("hvae_topdown", "standard"),
+        ("convhvae", "vamp"),
+    ],
 )
 def test_iwae_bound_tightens_with_k_and_one_sample_is_the_elbo(arch, prior):
-    vae = _model(arch=arch, prior=prior, prior_components=4, z1_dim=4)
+    vae = _model(arch=arch, prior=prior, prior_components=4, z1_dim=4, channels=[4])
     x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)).bernoulli()
     eps1 = torch.randn(1, 40, vae.noise_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -173,6 +179,7 @@ def test_iwae_bound_tightens_with_k_and_one_sample_is_the_elbo(arch, prior):
     [
         {"arch": "hvae"},
         {"arch": "hvae_topdown", "prior": "vamp", "prior_components": 10},
+        {"arch": "convhvae", "channels": [4], "activation": "gated"},
         {"prior": "vamp", "prior_components": 10},
         {"prior": "mog", "prior_components": 10},
     ],
@@ -199,6 +206,7 @@ def test_training_improves_and_resumes_exactly(options):
         {"prior": "mog", "prior_components": 6},
         {"arch": "hvae", "z1_dim": 5, "prior": "vamp", "prior_components": 6},
         {"arch": "hvae_topdown", "z1_dim": 5, "prior": "vamp", "prior_components": 6},
+        {"arch": "convhvae", "z1_dim": 5, "prior": "vamp", "prior_components": 6, "channels": [4]},
     ],
 )
 def test_every_graph_matches_pytorch_for_new_archs_and_priors(options, tmp_path):

@@ -42,9 +42,9 @@ def _check_model(p: Params) -> None:
             f"param 'model.min_sigma' = {m.min_sigma} must be smaller than "
             f"'model.gaussian_sigma' = {m.gaussian_sigma} (where a learned std starts)"
         )
-    if m.arch == "conv" and not m.channels:
+    if m.arch in ("conv", "convhvae") and not m.channels:
         raise ConfigError(
-            "param 'model.channels' must list at least one width for 'model.arch' = 'conv'"
+            f"param 'model.channels' must list at least one width for 'model.arch' = '{m.arch}'"
         )
     if m.arch in HIERARCHICAL_ARCHS and not m.hidden:
         raise ConfigError(
@@ -63,9 +63,9 @@ def _check_model(p: Params) -> None:
 def _check_options(p: Params) -> None:
     """The model options (arch, prior, conditional) against each other and the objective."""
     m = p.model
-    if m.conditional and m.arch == "conv":
+    if m.conditional and m.arch in ("conv", "convhvae"):
         raise ConfigError(
-            "param 'model.conditional' = true is not supported with 'model.arch' = 'conv' "
+            f"param 'model.conditional' = true is not supported with 'model.arch' = '{m.arch}' "
             "(the label joins the dense layers of mlp and the hvaes); use arch mlp, hvae or "
             "hvae_topdown"
         )

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 DATASETS = ("fashion-mnist", "mnist", "digits", "npz")
 BINARIZE = ("dynamic", "static", "none")
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
-HIERARCHICAL_ARCHS = ("hvae", "hvae_topdown")  # two stochastic layers
+HIERARCHICAL_ARCHS = ("hvae", "hvae_topdown", "convhvae")  # two stochastic layers
 ARCHS = ("mlp", "conv", *HIERARCHICAL_ARCHS)
-ACTIVATIONS = ("relu", "silu", "elu", "tanh")
+ACTIVATIONS = ("relu", "silu", "elu", "tanh", "gated")
 IWAE_GRADIENTS = ("standard", "dreg")
 PRIORS = ("standard", "vamp", "mog")
 OBJECTIVES = ("elbo", "iwae")

@@ -1,18 +1,21 @@
 """The VAE: q(z|x) = N(mu, diag(exp(logvar))), z = mu + sigma * eps, p(x|z) from the decoder.
 
-Four families, picked by `model.arch`: `mlp` (dense layers of widths `hidden`), `conv`
-(stride-2 convolutions of widths `channels`, each halving H and W, then dense layers `hidden`;
-the decoder mirrors it with transposed convolutions), `hvae`, the two-stochastic-layer MLP
-of Burda et al. (2016): q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), z2 the top layer of
-`latent_dim` dims and z1 of `z1_dim`, and `hvae_topdown` (below). The prior p(z) of the top
-layer is `model.prior`: N(0, I), a VampPrior (Tomczak & Welling 2018: a mixture of the
-posteriors of K learned pseudo-inputs) or a learned mixture of K Gaussians (vaepipe.priors).
-Only the model lives here; the loss is in model/objectives.py, the loop in training/loop.py.
+Five families, picked by `model.arch` (the image encoder and decoder of each: model/nets.py):
+`mlp` (dense layers of widths `hidden`), `conv` (stride-2 convolutions of widths `channels`,
+then dense layers `hidden`; the decoder mirrors it with transposed convolutions), `hvae`, the
+two-stochastic-layer MLP of Burda et al. (2016): q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), z2
+the top layer of `latent_dim` dims and z1 of `z1_dim`, and the two top-down models below. The
+prior p(z) of the top layer is `model.prior`: N(0, I), a VampPrior (Tomczak & Welling 2018: a
+mixture of the posteriors of K learned pseudo-inputs) or a learned mixture of K Gaussians
+(vaepipe.priors). Only the model lives here; the loss is in model/objectives.py, the loop in
+training/loop.py.
 
 `hvae_topdown` is the two-layer model of Tomczak & Welling (2018), the one their best results
 came from: the same generative chain with skips, p(z2) p(z1|z2) p(x|z1, z2), and top-down
 inference q(z2|x) q(z1|x, z2), so the image encoder is q(z2|x) itself (the VampPrior's
-components, encoder.onnx) and the decoder sees both layers.
+components, encoder.onnx) and the decoder sees both layers. `convhvae` is the same model with
+convolutions: q(z2|x) and the features q(z1|x, z2) reads come from a convolutional encoder, and
+the decoder ends in full-resolution convolutions.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from torch import nn
 from vaepipe.config.schema import HIERARCHICAL_ARCHS as HIERARCHICAL
 from vaepipe.model import likelihoods, priors
 from vaepipe.model.gaussian import log_normal_diag, reparameterize
+from vaepipe.model.layers import dense
+from vaepipe.model.nets import TOPDOWN, Decoder, Encoder
 
 
 @dataclass
@@ -38,13 +43,13 @@ class VAEConfig:
     hidden: list[int]  # dense widths of the encoder; the decoder mirrors them
     likelihood: str  # bernoulli | gaussian | continuous_bernoulli
     gaussian_sigma: float  # std of the Gaussian likelihood (its start when learned), pixels
-    arch: str  # mlp | conv | hvae | hvae_topdown
-    channels: list[int]  # conv widths (arch conv)
+    arch: str  # mlp | conv | hvae | hvae_topdown | convhvae
+    channels: list[int]  # conv widths (arch conv, convhvae)
     learn_sigma: bool  # gaussian: one learned std per pixel instead of gaussian_sigma
     min_sigma: float  # gaussian with learn_sigma: the std never goes below this
     prior: str  # standard | vamp | mog: p(z) of the top layer
     prior_components: int  # vamp: pseudo-inputs; mog: mixture components
-    z1_dim: int  # arch hvae, hvae_topdown: dims of the lower stochastic layer z1
+    z1_dim: int  # arch hvae, hvae_topdown, convhvae: dims of the lower stochastic layer z1
     conditional: bool  # encoder and decoder also take the label y (one-hot)
     activation: str  # relu | silu | elu | tanh: every hidden layer's nonlinearity
     n_classes: int = 0  # labels of the data (conditional); 0 when unconditional
@@ -85,122 +90,6 @@ LEGACY_MODEL_KEYS = {
 }
 
 
-# model.activation: the nonlinearity of every hidden layer (dense and convolutional)
-ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
-
-
-def _mlp(sizes: list[int], act: str, last_act: bool = False) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if last_act or i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[act]())
-    return nn.Sequential(*layers)
-
-
-def conv_sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
-    """Spatial sizes after each of n stride-2 convolutions (kernel 3, padding 1): ceil(s / 2)."""
-    sizes = [(h, w)]
-    for _ in range(n):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        sizes.append((h, w))
-    return sizes
-
-
-def _encoder_latent(cfg: VAEConfig) -> int:
-    """Dims of the layer the image encoder outputs: z1 for hvae (bottom-up), z otherwise."""
-    return cfg.z1_dim if cfg.arch == "hvae" else cfg.latent_dim
-
-
-def _decoder_latent(cfg: VAEConfig) -> int:
-    """Dims the image decoder reads: z1 for hvae, z1 and z2 for hvae_topdown, z otherwise."""
-    if cfg.arch == "hvae_topdown":
-        return cfg.z1_dim + cfg.latent_dim
-    return _encoder_latent(cfg)
-
-
-class Encoder(nn.Module):
-    """x -> (mu, logvar) of q(z|x); for hvae of q(z1|x), for hvae_topdown of q(z2|x)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        c, h, w = cfg.image_shape
-        act = cfg.activation
-        out = 2 * _encoder_latent(cfg)
-        if cfg.arch == "conv":
-            layers: list[nn.Module] = []
-            for a, b in zip([c, *cfg.channels[:-1]], cfg.channels, strict=True):
-                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), ACTIVATIONS[act]()]
-            fh, fw = conv_sizes(h, w, len(cfg.channels))[-1]
-            n_feat = cfg.channels[-1] * fh * fw
-            layers += [nn.Flatten(), _mlp([n_feat, *cfg.hidden, out], act)]
-            self.net = nn.Sequential(*layers)
-        else:
-            self.net = _mlp([c * h * w + cfg.n_classes, *cfg.hidden, out], act)
-        self.flat = cfg.arch != "conv"
-
-    def forward(
-        self, x: torch.Tensor, y: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y: one-hot labels [B, n_classes] of a conditional model, concatenated to x."""
-        mu, logvar = self.net(self._input(x, y)).chunk(2, dim=1)  # [B, D] each
-        return mu, logvar
-
-    def _input(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        h = x.flatten(1) if self.flat else x
-        return h if y is None else torch.cat([h, y], dim=1)
-
-    def features(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The last hidden layer [B, hidden[-1]] of a dense encoder (what q(z1|x, z2) of
-        hvae_topdown reads); `head(features(x))` is `forward(x)`."""
-        return self.net[:-1](self._input(x, y))
-
-    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar) from the last hidden layer of a dense encoder."""
-        mu, logvar = self.net[-1](h).chunk(2, dim=-1)
-        return mu, logvar
-
-
-class Decoder(nn.Module):
-    """z -> logits of p(x|z); for hvae z1 -> logits of p(x|z1); for hvae_topdown [z1, z2]
-    -> logits of p(x|z1, z2)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.image_shape = tuple(cfg.image_shape)
-        c, h, w = cfg.image_shape
-        act = cfg.activation
-        first = _decoder_latent(cfg)
-        if cfg.arch == "conv":
-            sizes = conv_sizes(h, w, len(cfg.channels))
-            fh, fw = sizes[-1]
-            chans = list(reversed(cfg.channels))
-            layers: list[nn.Module] = [
-                _mlp([cfg.latent_dim, *reversed(cfg.hidden), chans[0] * fh * fw], act, True),
-                nn.Unflatten(1, (chans[0], fh, fw)),
-            ]
-            outs = [*chans[1:], c]
-            for i, (a, b) in enumerate(zip(chans, outs, strict=True)):
-                # output (2 s_in - 1 + pad): back to exactly the encoder's size at that level
-                (th, tw), (sh, sw) = sizes[-2 - i], sizes[-1 - i]
-                pad = (th - 2 * sh + 1, tw - 2 * sw + 1)
-                layers.append(nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=pad))
-                if i < len(chans) - 1:
-                    layers.append(ACTIVATIONS[act]())
-            self.net = nn.Sequential(*layers)
-        else:
-            self.net = _mlp([first + cfg.n_classes, *reversed(cfg.hidden), c * h * w], act)
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (natural parameters) of the likelihood, [..., C, H, W] for z [..., D] (and
-        one-hot labels y [B, n_classes] of a conditional model, broadcast over z's leading
-        sample dims)."""
-        if y is not None:
-            z = torch.cat([z, y.expand(*z.shape[:-1], y.shape[-1])], dim=-1)
-        out = self.net(z.reshape(-1, z.shape[-1]))
-        return out.reshape(*z.shape[:-1], *self.image_shape)
-
-
 @dataclass
 class LatentSample:
     """One pass through the model with given noise: what the ELBO and IWAE need. Leading dims
@@ -238,11 +127,12 @@ class VAE(nn.Module):
         self.decoder = Decoder(cfg)
         width = cfg.hidden[-1] if cfg.hidden else 0
         if cfg.arch == "hvae":  # q(z2|z1): one hidden layer of the last width
-            self.up = _mlp([cfg.z1_dim, width, 2 * cfg.latent_dim], cfg.activation)
+            self.up = dense([cfg.z1_dim, width, 2 * cfg.latent_dim], cfg.activation)
         if cfg.arch in HIERARCHICAL:  # p(z1|z2)
-            self.down = _mlp([cfg.latent_dim, width, 2 * cfg.z1_dim], cfg.activation)
-        if cfg.arch == "hvae_topdown":  # q(z1|x, z2): the encoder's last hidden layer and z2
-            self.q_z1 = _mlp([width + cfg.latent_dim, width, 2 * cfg.z1_dim], cfg.activation)
+            self.down = dense([cfg.latent_dim, width, 2 * cfg.z1_dim], cfg.activation)
+        if cfg.arch in TOPDOWN:  # q(z1|x, z2): the encoder's last hidden layer and z2
+            n_feat = self.encoder.n_features
+            self.q_z1 = dense([n_feat + cfg.latent_dim, width, 2 * cfg.z1_dim], cfg.activation)
         self.prior = priors.make_prior(cfg, self.encode)
         if cfg.likelihood == "gaussian" and cfg.learn_sigma:
             # sigma = min_sigma + softplus(raw), one per pixel, starting at gaussian_sigma
@@ -308,7 +198,7 @@ class VAE(nn.Module):
         exports)."""
         if self.cfg.arch == "hvae":
             z = self.down(z).chunk(2, dim=-1)[0]
-        elif self.cfg.arch == "hvae_topdown":
+        elif self.cfg.arch in TOPDOWN:
             z = torch.cat([self.down(z).chunk(2, dim=-1)[0], z], dim=-1)
         return self.decoder(z, self.onehot(y))
 
@@ -320,7 +210,7 @@ class VAE(nn.Module):
         """All latents of x drawn with the noise eps [B, E] or [K, B, E] (E = noise_dim); y:
         the labels of a conditional model."""
         y = self.onehot(y)
-        if self.cfg.arch == "hvae_topdown":
+        if self.cfg.arch in TOPDOWN:
             return self._sample_topdown(x, eps, y)
         mu, logvar = self.encoder(x, y)  # [B, D1]
         if self.cfg.arch != "hvae":
@@ -347,7 +237,8 @@ class VAE(nn.Module):
         )
 
     def _sample_topdown(self, x: torch.Tensor, eps: torch.Tensor, y) -> LatentSample:
-        """hvae_topdown: z2 ~ q(z2|x), then z1 ~ q(z1|x, z2); p(x|z1, z2) p(z1|z2) p(z2)."""
+        """The top-down models: z2 ~ q(z2|x), then z1 ~ q(z1|x, z2); p(x|z1, z2) p(z1|z2)
+        p(z2)."""
         d1 = self.cfg.z1_dim
         h = self.encoder.features(x, y)  # [B, W]
         mu2, logvar2 = self.encoder.head(h)  # [B, D]
