@@ -1,6 +1,7 @@
 """`vaepipe`: the command line. Run the exported graphs with onnxruntime (generate, encode,
 decode, interpolate, score, info: vaepipe.inference.commands), compare the runs of the MLflow
-store (runs), move @champion (promote) and build the browser page (site).
+store (runs), move @champion (promote), build the browser page (site), search params (tune)
+and set runs beside the published table (literature).
 
 No torch: `vaepipe generate` starts and finishes in well under a second on a CPU, and MLflow is
 imported only by the commands that read the store.
@@ -17,6 +18,7 @@ import numpy as np
 from vaepipe import imagefiles, paths
 from vaepipe.errors import VaepipeError, exit_on_user_error, redact
 from vaepipe.inference import commands, runtime, site
+from vaepipe.tracking import literature
 from vaepipe.tuning import command as tuning_command
 
 ENCODER = str(paths.ENCODER)
@@ -267,6 +269,7 @@ def _add_inspection_commands(sub) -> None:
     p.set_defaults(fn=cmd_promote)
     site.add_parser(sub)
     tuning_command.add_parser(sub)
+    literature.add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

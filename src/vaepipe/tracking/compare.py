@@ -7,7 +7,7 @@ Reads the same store the pipeline writes (tracking.tracking_uri), so after a `dv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaepipe.errors import VaepipeError
@@ -54,6 +54,7 @@ class RunRow:
     params: dict[str, str]
     metrics: dict[str, float]
     protocol: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def load_runs(experiment: str, study: str | None = None) -> list[RunRow]:
@@ -87,6 +88,7 @@ def load_runs(experiment: str, study: str | None = None) -> list[RunRow]:
             _params(r, study),
             {metric_name(k): v for k, v in r.data.metrics.items()},
             r.data.tags.get(PROTOCOL_TAG),
+            dict(r.data.tags),
         )
         for r in runs
     ]

@@ -1,0 +1,118 @@
+"""`vaepipe literature`: the published table's configurations are valid params, and the page
+sets a real MLflow store's runs beside it, counting only finished runs on the protocol."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, clean_env, params_dict
+
+from vaepipe import config
+from vaepipe.tracking import literature
+
+PROTOCOL = "IWAE k=5000, 10000 of 10000 test images, seed 0, test data 5270760dc8ab25bd"
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        section, name = key.split(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+@pytest.mark.parametrize("cell", literature.CELLS, ids=lambda c: c.name)
+def test_every_configuration_is_valid_params_on_the_protocol(cell):
+    params = config.from_dict(params_dict(_nested(cell.params)))
+    assert params.evaluate.iwae_k == 5000 and params.evaluate.iwae_n == 0
+    assert round(60000 * params.data.val_fraction) == 10000
+    argv = literature.command(cell, queue=True)
+    assert argv[:6] == ["dvc", "exp", "run", "--queue", "-n", cell.name]
+    assert f"model.hidden={literature.param_text(cell.params['model.hidden'])}" in argv
+
+
+def test_param_text_is_what_dvc_reads_back():
+    assert literature.param_text([300, 300]) == "[300,300]"
+    assert literature.param_text(True) == "true"
+    assert literature.param_text(0.0005) == "0.0005"
+
+
+@pytest.fixture
+def store(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("vaepipe", artifact_location=(tmp_path / "a").as_uri())
+    vamp = {k: literature.param_text(v) for k, v in literature.cell("vae-vamp").params.items()}
+    runs = [  # name, params, protocol, nll, status, device, train seconds
+        ("cell", vamp, PROTOCOL, 227.10, "FINISHED", "cpu", 90000),
+        ("cell-k500", vamp, PROTOCOL.replace("k=5000", "k=500"), 226.0, "FINISHED", "cpu", 9e4),
+        ("cell-failed", vamp, PROTOCOL, 225.0, "FAILED", "cpu", 90000),
+        ("cpu-30min", {"model.hidden": "[640, 320]"}, PROTOCOL, 227.80, "FINISHED", "cpu", 1700),
+        ("cpu-slow", {"model.hidden": "[640, 320]"}, PROTOCOL, 227.0, "FINISHED", "cpu", 1900),
+        ("gpu-hour", {"model.arch": "convhvae"}, PROTOCOL, 224.5, "FINISHED", "cuda:0", 3000),
+    ]
+    for name, params, protocol, nll, status, device, seconds in runs:
+        run_id = client.create_run(exp, run_name=name).info.run_id
+        for k, v in params.items():
+            client.log_param(run_id, k, v)
+        client.set_tag(run_id, "test.nll_protocol", protocol)
+        client.set_tag(run_id, "device", device)
+        metrics = {"test/nll_iwae": nll, "test/nll_iwae_stderr": 0.31, "epochs_run": 80}
+        metrics.update(train_seconds=seconds, best_epoch=79, evaluate_seconds=1930)
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, v)
+        client.set_terminated(run_id, status)
+    return uri
+
+
+def vaepipe(uri, cwd, *args):
+    exe = str(Path(sys.executable).parent / "vaepipe")
+    return subprocess.run(
+        [exe, "literature", *args],
+        cwd=cwd,
+        env=clean_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _row(text: str, start: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith(start)]
+    return line
+
+
+def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, tmp_path):
+    uri = store
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    proc = vaepipe(uri, tmp_path, "page", "--out", "docs/literature.md")
+    assert proc.returncode == 0, proc.stderr
+    assert "6 runs, 5 on the protocol -> docs/literature.md" in proc.stdout
+    text = (tmp_path / "docs/literature.md").read_text()
+    vamp = _row(text, "| VAE, one stochastic layer (MLP) | VampPrior |")
+    # the k=500 run (lower) and the failed one (lower still) do not count
+    assert "| 227.35 ± 0.05 | 227.10 ± 0.31 | -0.25 | `vae-vamp` |" in vamp
+    assert "| 80 (79) | 1500.0 min | 32.2 min | cpu |" in vamp
+    assert "not run" in _row(text, "| ConvHVAE | Gaussian |")
+    cpu = _row(text, "| 30 minutes of training on a CPU |")
+    assert "227.80 ± 0.31" in cpu and "`model.hidden=[640, 320]`" in cpu  # not the 1,900 s run
+    gpu = _row(text, "| 1 hour of training on one GPU |")
+    assert "224.50 ± 0.31" in gpu and "`model.arch=convhvae`" in gpu and "cuda:0" in gpu
+    assert not list((tmp_path / "docs").glob("*.tmp"))
+
+
+def test_bad_inputs_are_one_line(store, tmp_path):
+    uri = store
+    for args, message in [
+        (("run", "vae-flow"), "no configuration 'vae-flow'; choose one of: protocol, vae-"),
+        (("page", "--experiment", "nope"), "no experiment 'nope'"),
+        (("run", "protocol"), "dvc exp run exited with"),  # not a DVC project
+    ]:
+        proc = vaepipe(uri, tmp_path, *args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "docs").exists()
