@@ -25,12 +25,13 @@ def _json(repo, name):
     return json.loads((repo / "metrics" / name).read_text())
 
 
-def test_conv_warmup_free_bits_plateau_and_early_stopping(tmp_path, new_project):
+def test_gated_conv_warmup_free_bits_plateau_and_early_stopping(tmp_path, new_project):
     repo = new_project(
         "project",
         **{
             "model.arch": "conv",
             "model.channels": [8, 16],
+            "model.activation": "gated",  # gated convolutions, transposed ones and dense layers
             "train.epochs": 12,
             "train.lr": 0.02,  # too high on purpose: validation stalls, the plateau cuts it
             "train.warmup_epochs": 2,

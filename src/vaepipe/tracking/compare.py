@@ -82,13 +82,13 @@ def load_runs(experiment: str, study: str | None = None) -> list[RunRow]:
         raise VaepipeError(f"no run of study '{study}' in experiment '{experiment}'")
     return [
         RunRow(
-            r.info.run_id,
-            r.info.run_name or r.info.run_id[:8],
-            r.info.status,
-            _params(r, study),
-            {metric_name(k): v for k, v in r.data.metrics.items()},
-            r.data.tags.get(PROTOCOL_TAG),
-            dict(r.data.tags),
+            run_id=r.info.run_id,
+            name=r.info.run_name or r.info.run_id[:8],
+            status=r.info.status,
+            params=_params(r, study),
+            metrics={metric_name(k): v for k, v in r.data.metrics.items()},
+            protocol=r.data.tags.get(PROTOCOL_TAG),
+            tags=dict(r.data.tags),
         )
         for r in runs
     ]

@@ -187,25 +187,32 @@ def _differences(r, defaults: dict[str, object]) -> str:
     return " ".join(flags) or "(params.yaml as it is)"
 
 
-def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
-    """The results page: each published cell beside our best run of it, then the best runs
-    within the training budgets, all on the literature's protocol."""
-    lines = [
-        "# Results beside the literature",
-        "",
-        f"Written by `vaepipe literature page` from the MLflow store (experiment "
-        f"`{experiment}`); run it again after new runs rather than editing this page.",
-        "",
-        "Every figure: dynamically binarized Fashion-MNIST, −log p(x) in nats by importance "
-        f"sampling (the IWAE bound) with k = {PROTOCOL_K:,} on all {TEST_IMAGES:,} test images, "
-        "the test set binarized once (`evaluate.seed`). Published: Norouzi et al., Exemplar "
-        "VAE (NeurIPS 2020), with the VampPrior paper's architectures; its ± is over training "
-        "runs, ours the standard error over the test images. A cell counts a run when it "
-        "trained with every param of the cell's configuration and was evaluated on this "
-        "protocol; the lowest NLL is shown.",
-        "",
-        "## The published table",
-        "",
+INTRO = (
+    "Every figure: dynamically binarized Fashion-MNIST, −log p(x) in nats by importance "
+    f"sampling (the IWAE bound) with k = {PROTOCOL_K:,} on all {TEST_IMAGES:,} test images, "
+    "the test set binarized once (`evaluate.seed`). Published: Norouzi et al., Exemplar "
+    "VAE (NeurIPS 2020), with the VampPrior paper's architectures; its ± is over training "
+    "runs, ours the standard error over the test images. A cell counts a run when it "
+    "trained with every param of the cell's configuration and was evaluated on this "
+    "protocol; the lowest NLL is shown. Training and evaluation: MLflow's `train_seconds` "
+    "and `evaluate_seconds` (the whole evaluate stage, the NLL most of it)."
+)
+REPRODUCE = """## Reproduce
+
+```sh
+vaepipe literature list                   # the configurations and their cells
+vaepipe literature run vae-vamp --queue   # dvc exp run --queue with its params
+dvc queue start                           # then, when they are done:
+vaepipe literature page                   # this page, from the MLflow store
+```
+
+`vaepipe literature run protocol` evaluates the current params' model on this protocol (DVC
+reruns only the evaluate stage).
+"""
+
+
+def _cell_rows(runs: list) -> list[str]:
+    rows = [
         "| model | prior | published | ours | ours − published | configuration | run | "
         "epochs (best) | training | evaluation | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -214,22 +221,18 @@ def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
         r = best(runs, lambda run, c=c: matches(run.params, c))
         paper = f"{c.published[0]:.2f} ± {c.published[1]:.2f}"
         if r is None:
-            lines.append(f"| {c.model} | {c.prior} | {paper} | not run | | `{c.name}` | | | | | |")
+            rows.append(f"| {c.model} | {c.prior} | {paper} | not run | | `{c.name}` | | | | | |")
             continue
         gap = r.metrics["test/nll_iwae"] - c.published[0]
-        lines.append(
+        rows.append(
             f"| {c.model} | {c.prior} | {paper} | {_nll(r)} | {gap:+.2f} | `{c.name}` | "
             f"`{r.run_id[:8]}` | {_trained(r)} |"
         )
-    exemplar = ", ".join(
-        f"{title} {PUBLISHED[key, 'exemplar'][0]:.2f}" for key, title, _ in MODELS
-    )
-    lines += [
-        "",
-        f"The published Exemplar prior column ({exemplar}) has no configuration here.",
-        "",
-        "## Beyond the table",
-        "",
+    return rows
+
+
+def _budget_rows(runs: list, defaults: dict[str, object]) -> list[str]:
+    rows = [
         "| budget | ours | run | epochs (best) | training | evaluation | device | params beyond "
         "params.yaml |",
         "|---|---|---|---|---|---|---|---|",
@@ -243,26 +246,40 @@ def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
             ),
         )
         if r is None:
-            lines.append(f"| {title} | no run yet | | | | | | |")
+            rows.append(f"| {title} | no run yet | | | | | | |")
         else:
-            lines.append(
+            rows.append(
                 f"| {title} | {_nll(r)} | `{r.run_id[:8]}` | {_trained(r)} | "
                 f"{_differences(r, defaults)} |"
             )
-    lines += [
+    return rows
+
+
+def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
+    """The results page: each published cell beside our best run of it, then the best runs
+    within the training budgets, all on the literature's protocol."""
+    exemplar = ", ".join(
+        f"{title} {PUBLISHED[key, 'exemplar'][0]:.2f}" for key, title, _ in MODELS
+    )
+    lines = [
+        "# Results beside the literature",
         "",
-        "## Reproduce",
+        f"Written by `vaepipe literature page` from the MLflow store (experiment "
+        f"`{experiment}`); run it again after new runs rather than editing this page.",
         "",
-        "```sh",
-        "vaepipe literature list                   # the configurations and their cells",
-        "vaepipe literature run vae-vamp --queue   # dvc exp run --queue with its params",
-        "dvc queue start                           # then, when they are done:",
-        "vaepipe literature page                   # this page, from the MLflow store",
-        "```",
+        INTRO,
         "",
-        "`vaepipe literature run protocol` evaluates the current params' model on this "
-        "protocol (DVC reruns only the evaluate stage).",
+        "## The published table",
         "",
+        *_cell_rows(runs),
+        "",
+        f"The published Exemplar prior column ({exemplar}) has no configuration here.",
+        "",
+        "## Beyond the table",
+        "",
+        *_budget_rows(runs, defaults),
+        "",
+        REPRODUCE,
     ]
     return "\n".join(lines)
 
