@@ -31,3 +31,22 @@ def set_threads(threads: int) -> int:
     n = threads or cores_per_process()
     torch.set_num_threads(n)
     return n
+
+
+def device_name(device: torch.device) -> str:
+    """What computed, for the record: the GPU's name, or the CPU's model and the cores this
+    process may use ('Intel(R) Xeon(R) Processor, 2 cores')."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import platform
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu or platform.processor() or platform.machine()}, {cores} cores"

@@ -59,6 +59,7 @@ def test_mlflow_run_holds_every_per_epoch_term(repo):
     assert params["model.latent_dim"] == "4" and params["data.dataset"] == "digits"
     tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid=?", (run_id,)))
     assert tags["dataset"] == "digits" and tags["device"] == "cpu"
+    assert tags["device_name"].endswith(" cores")  # the CPU's model and the cores it had
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["onnx_provider"]
     assert "torch_version" in tags and "onnxruntime_version" in tags
     artifacts = repo / "mlruns" / "artifacts"

@@ -61,6 +61,8 @@ def store(tmp_path):
             client.log_param(run_id, k, v)
         client.set_tag(run_id, "test.nll_protocol", protocol)
         client.set_tag(run_id, "device", device)
+        if device.startswith("cuda"):
+            client.set_tag(run_id, "device_name", "NVIDIA H200")
         metrics = {"test/nll_iwae": nll, "test/nll_iwae_stderr": 0.31, "epochs_run": 80}
         metrics.update(train_seconds=seconds, best_epoch=79, evaluate_seconds=1930)
         for k, v in metrics.items():
@@ -101,7 +103,7 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
     cpu = _row(text, "| 30 minutes of training on a CPU |")
     assert "227.80 ± 0.31" in cpu and "`model.hidden=[640, 320]`" in cpu  # not the 1,900 s run
     gpu = _row(text, "| 1 hour of training on one GPU |")
-    assert "224.50 ± 0.31" in gpu and "`model.arch=convhvae`" in gpu and "cuda:0" in gpu
+    assert "224.50 ± 0.31" in gpu and "`model.arch=convhvae`" in gpu and "| NVIDIA H200 |" in gpu
     assert not list((tmp_path / "docs").glob("*.tmp"))
 
 

@@ -174,7 +174,8 @@ def _trained(r) -> str:
 
     epochs = f"{r.metrics.get('epochs_run', 0):.0f} ({r.metrics.get('best_epoch', 0):.0f})"
     times = f"{minutes('train_seconds')} | {minutes('evaluate_seconds')}"
-    return f"{epochs} | {times} | {r.tags.get('device', '?')}"
+    where = r.tags.get("device_name") or r.tags.get("device", "?")
+    return f"{epochs} | {times} | {where}"
 
 
 def _differences(r, defaults: dict[str, object]) -> str:
@@ -259,7 +260,7 @@ def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
     """The results page: each published cell beside our best run of it, then the best runs
     within the training budgets, all on the literature's protocol."""
     exemplar = ", ".join(
-        f"{title} {PUBLISHED[key, 'exemplar'][0]:.2f}" for key, title, _ in MODELS
+        f"{title.split(',')[0]} {PUBLISHED[key, 'exemplar'][0]:.2f}" for key, title, _ in MODELS
     )
     lines = [
         "# Results beside the literature",

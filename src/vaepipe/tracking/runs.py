@@ -39,10 +39,14 @@ def run_exists(experiment: str, run_id: str) -> bool:
     return True
 
 
-def run_tags(dataset: str, device: str) -> dict[str, str]:
+def run_tags(dataset: str, device: str, device_name: str = "") -> dict[str, str]:
+    """The run's provenance: data, where it computed (device, and its name: the GPU's, or the
+    CPU's model and cores), versions, the commit and DVC experiment."""
     import torch
 
     tags = {"dataset": dataset, "device": device, "torch_version": torch.__version__}
+    if device_name:
+        tags["device_name"] = device_name
     try:
         import onnxruntime
 

@@ -15,6 +15,7 @@ import torch
 
 from vaepipe import config, imagefiles, paths, tracking
 from vaepipe.data import arrays, sources
+from vaepipe.device import device_name
 from vaepipe.fileio import published, write_json
 from vaepipe.model import checkpoint
 from vaepipe.model.vae import VAE
@@ -113,7 +114,7 @@ def open_run(job: Job) -> Iterator[str]:
     """The MLflow run: a new one (params, dataset inputs), or the checkpoint's own run; its id,
     also handed to the other processes of a torchrun."""
     params, state, group = job.params, job.state, job.group
-    tags = tracking.run_tags(params.data.dataset, str(job.device))
+    tags = tracking.run_tags(params.data.dataset, str(job.device), device_name(job.device))
     link = trial.from_env()
     if link:
         tags.update(link.tags())
