@@ -260,8 +260,7 @@ def objective(worker: Worker):
         name = f"{worker.cfg.study}-{trial.number}"
         trial.set_user_attr("dvc_exp", name)
         print(f"trial {trial.number}: {params_text(values)}", flush=True)
-        # the study's run as the study records it: of two workers that started at the same
-        # moment and each made one, the one set last
+        # the study's run as the study records it (summary.parent_run: the first recorded)
         worker.parent_run = trial.study.user_attrs.get(summary.PARENT_ATTR, worker.parent_run)
         link = trial_side.Link(
             storage=worker.storage_url,
@@ -373,7 +372,7 @@ def run_worker(cfg: TuneConfig, storage: str | None, trials: int | None, timeout
         check_pipeline_ran()
         study = open_study(cfg, storage)
         worker = Worker(cfg, url, params.mlflow.experiment, Path("params.yaml").read_text())
-        worker.parent_run = summary.parent_run(study, worker.experiment)
+        worker.parent_run = summary.parent_run(study, storage, worker.experiment)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         wanted = trials or cfg.trials
         limit = optuna.study.MaxTrialsCallback(wanted, states=finished)

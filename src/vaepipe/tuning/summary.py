@@ -17,9 +17,11 @@ PARENT_ATTR = "mlflow_parent_run"
 TOP = 5
 
 
-def parent_run(study, experiment: str) -> str:
+def parent_run(study, storage, experiment: str) -> str:
     """The study's MLflow run (created once, closed at once: it is a folder for the trials'
-    runs and the summary, never left RUNNING); its id is kept in the study."""
+    runs and the summary, never left RUNNING); its id is kept in the study. Of workers that
+    start together, each makes a run and the first to record its own in the study wins; the
+    others delete theirs, so that every trial nests under the one run."""
     import mlflow
 
     known = study.user_attrs.get(PARENT_ATTR)
@@ -36,12 +38,40 @@ def parent_run(study, experiment: str) -> str:
         "creating the study's run",
     )
     tracking.call(lambda: client.set_terminated(run.info.run_id, "FINISHED"), "closing it")
-    study.set_user_attr(PARENT_ATTR, run.info.run_id)
-    winner = study.user_attrs.get(PARENT_ATTR)  # two workers that started together: one wins
-    if winner != run.info.run_id:
-        with contextlib.suppress(Exception):
-            client.delete_run(run.info.run_id)
-    return winner
+    if _replace_attr(storage, study.study_name, PARENT_ATTR, known, run.info.run_id):
+        return run.info.run_id
+    with contextlib.suppress(Exception):
+        client.delete_run(run.info.run_id)
+    return study.user_attrs[PARENT_ATTR]
+
+
+def _replace_attr(storage, study_name: str, key: str, old, new) -> bool:
+    """Set the study's user attribute `key` to `new` only if it still holds `old` (None: not
+    set yet), in one statement of the study's database: whether this call set it. Optuna's
+    own setter writes whatever was there, so the last of two workers would win, after the
+    first had already nested a trial under its own run."""
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    table = models.StudyUserAttributeModel.__table__
+    study_id = storage.get_study_id_from_name(study_name)
+    value = json.dumps(new)
+    try:
+        with storage.engine.begin() as conn:
+            if old is None:
+                conn.execute(table.insert().values(study_id=study_id, key=key, value_json=value))
+                return True
+            done = conn.execute(
+                table.update()
+                .where(table.c.study_id == study_id, table.c.key == key)
+                .where(table.c.value_json == json.dumps(old))
+                .values(value_json=value)
+            )
+            return done.rowcount == 1
+    except IntegrityError:  # another worker's insert came first
+        return False
 
 
 def _complete(study) -> list:
