@@ -42,6 +42,63 @@ SHARED_PIPELINE_RUN = (
     "tests/e2e/test_resume.py",
 )
 TEST_BY_TEST = ("tests/stack/test_team_faults.py", "tests/stack/test_team_machines.py")
+# Longest first: a worker that takes a long scope late keeps the suite waiting alone at the
+# end. Seconds of each slow module under `make test` (pytest --durations=0, setup included);
+# any other module counts a second per test.
+SECONDS = {
+    "tests/e2e/test_interrupts.py": 660,
+    "tests/stack/test_team_faults.py": 510,
+    "tests/e2e/test_promote.py": 440,
+    "tests/e2e/test_registration.py": 390,
+    "tests/stack/test_tune_team.py": 380,
+    "tests/e2e/test_tune.py": 370,
+    "tests/e2e/test_training_options.py": 370,
+    "tests/stack/test_team_machines.py": 270,
+    "tests/e2e/test_experiments.py": 240,
+    "tests/stack/test_team.py": 170,
+    "tests/stack/test_mlflow_server.py": 160,
+    "tests/e2e/test_distributed.py": 160,
+    "tests/e2e/test_model_options.py": 120,
+    "tests/unit/test_priors.py": 80,
+    "tests/unit/test_compare.py": 70,
+    "tests/stack/test_site_rebuild.py": 50,
+    "tests/e2e/test_served_model.py": 50,
+    "tests/stack/test_site.py": 40,
+    "tests/unit/test_scorer.py": 40,
+    "tests/stack/test_dvc_plots.py": 40,
+    "tests/e2e/test_packaging.py": 35,
+    "tests/e2e/test_store_faults.py": 35,
+}
+SECONDS["shared pipeline run"] = 370  # test_pipeline, test_probe and test_resume
+
+
+def scope_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    if module in SHARED_PIPELINE_RUN:
+        return "shared pipeline run"
+    return nodeid if module in TEST_BY_TEST else module
+
+
+def pytest_collection_modifyitems(config, items):
+    """Scopes longest first, each in its own order (xdist hands them out in collection order)."""
+    scopes: dict[str, list] = {}
+    for item in items:
+        scopes.setdefault(scope_of(item.nodeid), []).append(item)
+
+    def seconds(scope: str) -> float:
+        module = scope.split("::", 1)[0]
+        if module in TEST_BY_TEST:
+            share = sum(1 for other in scopes if other.startswith(module + "::"))
+            return SECONDS.get(module, share) / share
+        return SECONDS.get(scope, len(scopes[scope]))
+
+    order = sorted(scopes, key=seconds, reverse=True)
+    items[:] = [item for scope in order for item in scopes[scope]]
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.option.loadscopereorder = False  # our order above, not xdist's (tests per scope)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own choice of scheduler
@@ -52,10 +109,16 @@ def pytest_xdist_make_scheduler(config, log):
 
     class Scopes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            if module in SHARED_PIPELINE_RUN:
-                return "shared pipeline run"
-            return nodeid if module in TEST_BY_TEST else module
+            return scope_of(nodeid)
+
+        def _reschedule(self, node) -> None:
+            # A scope more only once the worker holds its last test (which it runs when it
+            # knows the next one): xdist's own rule, two tests, commits a second scope to a
+            # worker whose last two tests may be long while other workers go idle.
+            if not node.shutting_down and self.workqueue:
+                if self._pending_of(self.assigned_work[node]) > 1:
+                    return
+            super()._reschedule(node)
 
     return Scopes(config, log)
 

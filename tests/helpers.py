@@ -7,8 +7,10 @@ import copy
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import sandbox
@@ -213,3 +215,44 @@ def trial_states(storage: str, study: str) -> list[tuple[int, str]]:
 
     trials = optuna.load_study(study_name=study, storage=storage).trials
     return [(t.number, t.state.name) for t in trials]
+
+
+# --- DVC experiment queues ----------------------------------------------------------------------
+
+
+def queue_states(repo: Path, env=None) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed | ...} of `dvc queue status`."""
+    out = sh(repo, "dvc", "queue", "status", env=env, timeout=120).stdout
+    states = {}
+    for line in out.splitlines():
+        parts = line.split()  # task id, name, created (time, AM/PM), status
+        if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{7,}", parts[0]):
+            states[parts[1]] = parts[-1]
+    return states
+
+
+def experiment_running(repo: Path) -> bool:
+    """Whether a live process works in repo/.dvc/tmp/exps, where queued experiments run: a
+    look at /proc, where `dvc queue status` costs a second of CPU that the experiments need."""
+    exps = repo / ".dvc" / "tmp" / "exps"
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if p.name.isdigit() and Path(os.readlink(p / "cwd")).is_relative_to(exps):
+                if (p / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    return True
+    return False
+
+
+def wait_queue(repo: Path, env=None, timeout: float = 900) -> dict[str, str]:
+    """The queue's final states once nothing is Queued or Running; on a timeout the assertion
+    names each experiment's state. `dvc queue status` is asked only while no experiment runs."""
+    deadline, states = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        if experiment_running(repo):
+            time.sleep(1)
+            continue
+        states = queue_states(repo, env)
+        if not any(s in ("Queued", "Running") for s in states.values()):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"the DVC queue of {repo} still busy after {timeout:.0f} s: {states}")

@@ -5,17 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from helpers import clean_env, free_port, sh
-
-
-def wait_queue_done(repo: Path, timeout: float = 900) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = sh(repo, "dvc", "queue", "status").stdout
-        if not any(s in status for s in ("Running", "Queued")) and "0 active" in status:
-            return status
-        time.sleep(3)
-    raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+from helpers import clean_env, free_port, sh, wait_queue
 
 
 def runs_in_sqlite(db: Path) -> list[dict]:
@@ -53,7 +43,7 @@ def test_queued_sweep_with_two_workers_lands_every_run_and_marks_the_crashes(
         "train.lr=0.001,10000000.0",
     )
     sh(repo, "dvc", "queue", "start", "-j", "2")
-    status = wait_queue_done(repo)
+    status = wait_queue(repo)
     runs = runs_in_sqlite(repo / "mlruns" / "mlflow.db")
     assert len(runs) == 4, (runs, status)
     assert not [r for r in runs if r["status"] == "RUNNING"]

@@ -6,14 +6,13 @@ import json
 import os
 import socket
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import clean_env, sh
+from helpers import clean_env, sh, wait_queue
 
 # scikit-learn's digits, one epoch: the champion a longer run must beat
 DIGITS = {"train.epochs": 1, "evaluate.iwae_n": 300, "export.scorer_k": 8}
@@ -94,11 +93,8 @@ def test_queued_experiments_promote_only_a_significantly_better_model_of_the_sam
     other = ["-S", "data.dataset=npz", "-S", f"data.npz_path={other_dataset}"]
     sh(repo, "dvc", "exp", "run", "--queue", "-n", "other", *other)
     sh(repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 900
-    while "Queued" in (st := sh(repo, "dvc", "queue", "status").stdout) or "Running" in st:
-        assert time.monotonic() < deadline, st
-        time.sleep(3)
-    assert st.count("Success") == 2, st
+    states = wait_queue(repo)
+    assert list(states.values()) == ["Success"] * 2, states
     c = client(repo)
     by_dataset = {c.get_model_version("vae-decoder", v).tags["dataset"]: v for v in ("2", "3")}
     assert set(by_dataset) == {"digits", "npz"}

@@ -7,7 +7,6 @@ import http.client
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -17,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import ROOT, clean_env, make_project, sh
+from helpers import ROOT, clean_env, make_project, queue_states, sh
 
 SCRIPT = ROOT / "scripts" / "team.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -158,17 +158,6 @@ def wait_for(what: str, check, timeout: float, every: float = 1.0):
 # --- DVC experiment queues ------------------------------------------------------------------
 
 
-def queue_states(repo: Path, env) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed | ...} of `dvc queue status`."""
-    out = sh(repo, "dvc", "queue", "status", env=env, timeout=120).stdout
-    states = {}
-    for line in out.splitlines():
-        parts = line.split()  # task id, name, created (time, AM/PM), status
-        if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{7,}", parts[0]):
-            states[parts[1]] = parts[-1]
-    return states
-
-
 def queue_logs(repo: Path, names, env) -> str:
     """What `dvc queue logs` kept of these experiments (for an assertion's message)."""
     logs = [sh(repo, "dvc", "queue", "logs", n, env=env, check=False, timeout=60) for n in names]
@@ -190,20 +179,14 @@ def start_queue(repo: Path, env, jobs: int) -> None:
 
 
 def wait_queue(repo: Path, env, timeout: float) -> dict[str, str]:
-    """The queue's final states once nothing is Queued or Running; on a timeout the assertion
-    names each experiment's state and what `dvc queue logs` kept of the unfinished ones."""
-    last = {}
-
-    def done():
-        last.update(queue_states(repo, env))
-        busy = [n for n, s in last.items() if s in ("Queued", "Running")]
-        return None if busy else dict(last)
-
+    """helpers.wait_queue; on a timeout the assertion adds what `dvc queue logs` kept of the
+    unfinished experiments."""
     try:
-        return wait_for(f"the DVC queue of {repo}", done, timeout, every=3)
+        return helpers.wait_queue(repo, env, timeout)
     except AssertionError as e:
-        busy = [n for n, s in last.items() if s in ("Queued", "Running")]
-        raise AssertionError(f"{e}; {last}\n{queue_logs(repo, busy, env)}") from None
+        states = queue_states(repo, env)
+        busy = [n for n, s in states.items() if s in ("Queued", "Running")]
+        raise AssertionError(f"{e}\n{queue_logs(repo, busy, env)}") from None
 
 
 @contextlib.contextmanager
