@@ -1,0 +1,110 @@
+"""Where a command's CPU goes, by kind of process: runs the command and samples /proc twice a
+second, crediting each process's CPU seconds to its kind (a pipeline stage, a dvc subcommand,
+a vaepipe command, the MLflow server, a pytest worker, ...). Processes the command leaves
+behind (servers, DVC queue workers) are counted too, which `time` misses.
+
+    python scripts/cpu_by_process.py -- make test
+
+A process that lives less than half a second between two samples is missed; the last line
+sets the sampled total beside the CPU seconds /proc/stat counted on the whole machine.
+Standard library only; Linux.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from pathlib import Path
+
+STAGES = ("prepare", "classifier", "train", "evaluate", "export")
+# (a word of the command line, its kind), first match wins
+KINDS = (
+    ("exec(eval(sys.stdin", "pytest worker"),
+    ("uvicorn", "mlflow server"),
+    ("mlflow.server", "mlflow server"),
+    ("huey", "mlflow server"),
+    ("celery", "dvc queue worker"),
+    ("postgres", "postgres"),
+    ("weed", "s3 store (seaweedfs)"),
+    ("chrom", "chromium"),
+    ("torchrun", "torchrun"),
+)
+
+
+def kind(argv: list[str]) -> str:
+    line = " ".join(argv)
+    for stage in STAGES:
+        if f"pipeline/{stage}.py" in line:
+            return f"stage {stage}"
+    if "mlflow" in line and " serve" in line:
+        return "mlflow models serve"
+    for word, name in KINDS:
+        if word in line:
+            return name
+    names = [Path(a).name for a in argv[:3]]
+    for tool in ("dvc", "vaepipe", "mlflow", "git", "pytest", "node", "npm", "pip"):
+        if tool in names:
+            rest = [a for a in argv[names.index(tool) + 1 :] if not a.startswith("-")]
+            two = rest[:2] if rest[:1] in (["exp"], ["queue"]) else rest[:1]
+            return " ".join([tool, *two])
+    return names[0] if names else "?"
+
+
+def machine_cpu() -> float:
+    """CPU seconds of the whole machine so far (user, nice, system) from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return sum(int(f) for f in fields[:3]) / os.sysconf("SC_CLK_TCK")
+
+
+def sample(seen: dict, totals: dict, hz: int) -> None:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            cpu = (int(stat[11]) + int(stat[12])) / hz
+            key = (entry.name, stat[19])  # pid and start time: a reused pid is another process
+            if key not in seen:
+                argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace")
+                seen[key] = [kind([a for a in argv.split("\0") if a]), 0.0]
+        except (OSError, IndexError, ValueError):
+            continue  # it ended between the listing and the read
+        name, last = seen[key]
+        totals[name] = totals.get(name, 0.0) + max(cpu - last, 0.0)
+        seen[key][1] = max(cpu, last)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--every", type=float, default=0.5, help="seconds between samples")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run")
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("give the command to run after --")
+    hz, seen, totals = os.sysconf("SC_CLK_TCK"), {}, {}
+    sample(seen, {}, hz)  # what runs already is not the command's
+    before, started = machine_cpu(), time.monotonic()
+    proc = subprocess.Popen(command)
+    try:
+        while proc.poll() is None:
+            sample(seen, totals, hz)
+            time.sleep(args.every)
+    except KeyboardInterrupt:
+        proc.wait()
+    sample(seen, totals, hz)
+    wall, machine = time.monotonic() - started, machine_cpu() - before
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        if seconds >= 1:
+            print(f"{seconds:8.0f} s  {name}")
+    print(
+        f"{sum(totals.values()):8.0f} s  sampled, of {machine:.0f} s the machine spent in "
+        f"{wall:.0f} s of wall time on {os.cpu_count()} cores; exit {proc.returncode}"
+    )
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
