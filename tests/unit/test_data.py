@@ -149,6 +149,27 @@ def test_digits_source_is_offline_and_scaled():
     assert train.x.dtype == np.float32 and 0 <= train.x.min() and train.x.max() == 1.0
 
 
+def test_digits_source_location_is_the_bundled_file_found_without_importing_sklearn():
+    """The training stage records where digits come from; finding the file must not cost it
+    the import of scikit-learn (most of a second in every tiny run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import dataclasses, sys\nfrom vaepipe import config\nfrom vaepipe.data import sources\n"
+        "cfg = dataclasses.replace(config.load('params.yaml').data, dataset='digits')\n"
+        "print(sources.source_location(cfg))\nprint('sklearn' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert Path(out[0]).name == "digits.csv.gz" and Path(out[0]).is_file()
+    assert out[1] == "False"
+
 def test_npz_source_and_round_trip(tmp_path):
     x = np.random.default_rng(0).random((30, 6, 5), dtype=np.float32)
     y = np.arange(30) % 3

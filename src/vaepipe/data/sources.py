@@ -258,9 +258,11 @@ def source_location(cfg: DataConfig) -> str:
         found = [d for d in _candidate_dirs(cfg.dataset, Path(cfg.root)) if _has_all(d)]
         return str(found[0].resolve()) if found else (cfg.mirror or MIRRORS[cfg.dataset])
     if cfg.dataset == "digits":
-        import sklearn.datasets
+        # found without importing scikit-learn (most of a second the training stage needs not)
+        import importlib.util
 
-        return str(Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz")
+        (package,) = importlib.util.find_spec("sklearn").submodule_search_locations
+        return str(Path(package) / "datasets" / "data" / "digits.csv.gz")
     return str(Path(cfg.npz_path).resolve())
 
 
