@@ -49,6 +49,14 @@ def kind(argv: list[str]) -> str:
             rest = [a for a in argv[names.index(tool) + 1 :] if not a.startswith("-")]
             two = rest[:2] if rest[:1] in (["exp"], ["queue"]) else rest[:1]
             return " ".join([tool, *two])
+    if names and names[0].startswith("python"):  # the script or module it runs
+        rest = argv[1:]
+        while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+            rest = rest[1:]
+        if rest[:1] == ["-c"]:
+            return f"{names[0]} -c"
+        if rest:
+            return f"{names[0]} {' '.join(rest[:2]) if rest[0] == '-m' else Path(rest[0]).name}"
     return names[0] if names else "?"
 
 
