@@ -4,6 +4,11 @@ a vaepipe command, the MLflow server, a pytest worker, ...). Processes the comma
 behind (servers, DVC queue workers) are counted too, which `time` misses.
 
     python scripts/cpu_by_process.py -- make test
+    python scripts/cpu_by_process.py --by-dir /tmp/pt -- pytest -n 4 --basetemp /tmp/pt
+
+--by-dir ROOT credits a process working under ROOT to the folder it works in there instead
+(a test's temp project: pytest-xdist's popen-gwN level is skipped), so the CPU of each test's
+stages, servers and commands adds up under one name.
 
 A process that lives less than half a second between two samples is missed; the last line
 sets the sampled total beside the CPU seconds /proc/stat counted on the whole machine.
@@ -66,7 +71,19 @@ def machine_cpu() -> float:
     return sum(int(f) for f in fields[:3]) / os.sysconf("SC_CLK_TCK")
 
 
-def sample(seen: dict, totals: dict, hz: int) -> None:
+def folder(pid: str, root: Path | None) -> str | None:
+    """The first folder below root (past pytest-xdist's popen-gwN) process pid works in."""
+    if root is None:
+        return None
+    try:
+        parts = Path(os.readlink(f"/proc/{pid}/cwd")).relative_to(root).parts
+    except (OSError, ValueError):
+        return None
+    parts = parts[1:] if parts[:1] and parts[0].startswith("popen-gw") else parts
+    return f"in {parts[0]}" if parts else None
+
+
+def sample(seen: dict, totals: dict, hz: int, root: Path | None = None) -> None:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -76,7 +93,8 @@ def sample(seen: dict, totals: dict, hz: int) -> None:
             key = (entry.name, stat[19])  # pid and start time: a reused pid is another process
             if key not in seen:
                 argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace")
-                seen[key] = [kind([a for a in argv.split("\0") if a]), 0.0]
+                name = folder(entry.name, root) or kind([a for a in argv.split("\0") if a])
+                seen[key] = [name, 0.0]
         except (OSError, IndexError, ValueError):
             continue  # it ended between the listing and the read
         name, last = seen[key]
@@ -87,6 +105,7 @@ def sample(seen: dict, totals: dict, hz: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--every", type=float, default=0.5, help="seconds between samples")
+    ap.add_argument("--by-dir", type=Path, help="credit processes working under it by folder")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run")
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -98,11 +117,11 @@ def main() -> int:
     proc = subprocess.Popen(command)
     try:
         while proc.poll() is None:
-            sample(seen, totals, hz)
+            sample(seen, totals, hz, args.by_dir)
             time.sleep(args.every)
     except KeyboardInterrupt:
         proc.wait()
-    sample(seen, totals, hz)
+    sample(seen, totals, hz, args.by_dir)
     wall, machine = time.monotonic() - started, machine_cpu() - before
     for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         if seconds >= 1:
