@@ -34,6 +34,9 @@ def main() -> int:
     print(f"mlflow ui: open {address()}", flush=True)
     mlflow = str(Path(sys.executable).parent / "mlflow")
     cmd = ["ui", "--backend-store-uri", f"sqlite:///{DB}", "--host", HOST, "--port", str(PORT)]
+    # MLflow's job runner (GenAI scorers, trace rollups: 8 more processes polling the store)
+    # serves nothing this project logs
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(mlflow, [mlflow, *cmd])
 
 

@@ -36,7 +36,7 @@ def mlflow_server(tmp_path):
             "--workers",
             "1",
         ],
-        env=clean_env(),
+        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # as team.py runs it
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
