@@ -170,6 +170,7 @@ def test_digits_source_location_is_the_bundled_file_found_without_importing_skle
     assert Path(out[0]).name == "digits.csv.gz" and Path(out[0]).is_file()
     assert out[1] == "False"
 
+
 def test_npz_source_and_round_trip(tmp_path):
     x = np.random.default_rng(0).random((30, 6, 5), dtype=np.float32)
     y = np.arange(30) % 3
