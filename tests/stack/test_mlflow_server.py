@@ -1,5 +1,6 @@
-"""A real `mlflow server` on 127.0.0.1 as the team's store: two projects log to it at once, its
-REST API answers for them, and `mlflow ui` renders their runs in Chromium."""
+"""A real `mlflow server` on 127.0.0.1 as the team's store: two projects log to it at once (the
+module's one server and its two runs), its REST API answers for them, and `mlflow ui` renders
+their runs in Chromium."""
 
 import contextlib
 import json
@@ -11,12 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, free_port, sh
+from helpers import clean_env, free_port
 from teamstack import stop_group, wait_for
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     store = tmp_path / "server"
     store.mkdir()
     port = free_port()
@@ -68,8 +70,10 @@ def api(url: str, path: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
-def test_two_processes_log_to_a_shared_mlflow_server(tmp_path, mlflow_server, new_project):
-    url, store = mlflow_server
+@pytest.fixture(scope="module")
+def two_runs(mlflow_server, new_project):
+    """Two projects' `dvc repro`, at the same time, logging to the server: their repos."""
+    url, _ = mlflow_server
     env = clean_env(MLFLOW_TRACKING_URI=url)
     repos = [
         new_project(f"repo{i}", **{"train.threads": 1, "model.latent_dim": d})
@@ -89,6 +93,12 @@ def test_two_processes_log_to_a_shared_mlflow_server(tmp_path, mlflow_server, ne
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
+    return repos
+
+
+def test_two_processes_log_to_a_shared_mlflow_server(mlflow_server, two_runs):
+    url, store = mlflow_server
+    repos = two_runs
     assert not (repos[0] / "mlruns").exists()  # nothing went to a local store
     exp = api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaepipe")
     exp_id = exp["experiment"]["experiment_id"]
@@ -108,10 +118,8 @@ def test_two_processes_log_to_a_shared_mlflow_server(tmp_path, mlflow_server, ne
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
-def test_mlflow_ui_runs_page_screenshot(tmp_path, mlflow_server, new_project):
+def test_mlflow_ui_runs_page_screenshot(tmp_path, mlflow_server, two_runs):
     url, _ = mlflow_server
-    repo = new_project("repo", **{"train.threads": 1})
-    sh(repo, "dvc", "repro", env=clean_env(MLFLOW_TRACKING_URI=url))
     exp_id = api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaepipe")[
         "experiment"
     ]["experiment_id"]
