@@ -23,12 +23,13 @@ def repo(new_project):
 # (stage, signal, whom, shell): each stage interrupted mid-way by a different signal and
 # sender; SIGTERM to dvc, which exits at once, under both shells: the stage must stop with it.
 # A SIGTERM or SIGINT closes the run: the seed goes back and nothing reruns. After a SIGKILL
-# the user runs `dvc repro` again, which resumes and closes the run left RUNNING.
+# the user runs `dvc repro` again, which resumes and closes the run left RUNNING: the SIGKILLs
+# go to the stages whose rerun is short (a new data draw would rerun every stage).
 # (`python scripts/interrupts.py` runs every signal at three points of every stage.)
 CASES = [
     ("prepare", signal.SIGTERM, "stage", "/bin/bash"),
-    ("prepare", signal.SIGKILL, "stage", "/bin/sh"),
-    ("classifier", signal.SIGINT, "stage", "/bin/sh"),
+    ("prepare", signal.SIGINT, "stage", "/bin/sh"),
+    ("classifier", signal.SIGKILL, "stage", "/bin/sh"),
     ("classifier", signal.SIGTERM, "dvc", "/bin/sh"),
     ("train", signal.SIGTERM, "dvc", "/bin/bash"),
     ("train", signal.SIGINT, "stage", "/bin/bash"),
