@@ -189,20 +189,27 @@ def wait_queue(repo: Path, env, timeout: float) -> dict[str, str]:
         raise AssertionError(f"{e}\n{queue_logs(repo, busy, env)}") from None
 
 
+def stop_workers(repo: Path) -> None:
+    """Stop the DVC queue workers `dvc queue start` left in `repo`: `dvc queue stop`, then
+    SIGKILL any process still running in the repo (only ours run there). Before queueing
+    more: a worker that is shutting down because its queue ran empty can still take a new
+    experiment and leave it Running forever, with no logs."""
+    sh(repo, "dvc", "queue", "stop", "--kill", check=False, timeout=60)
+    deadline = time.monotonic() + 20
+    while processes_in(repo) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in processes_in(repo):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def queue_workers(repo: Path):
-    """Stop the DVC queue workers `dvc queue start` left in `repo` on the way out: `dvc queue
-    stop`, then SIGKILL any process still running in the repo (only ours run there)."""
+    """stop_workers on the way out."""
     try:
         yield
     finally:
-        sh(repo, "dvc", "queue", "stop", "--kill", check=False, timeout=60)
-        deadline = time.monotonic() + 20
-        while processes_in(repo) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in processes_in(repo):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_workers(repo)
 
 
 def processes_in(repo: Path) -> list[int]:
