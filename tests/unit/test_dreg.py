@@ -8,7 +8,8 @@ from helpers import proto_data, train_cfg, vae_cfg
 
 from vaepipe.model.vae import VAE
 from vaepipe.training.distributed import SINGLE
-from vaepipe.training.loop import _forward, _Loop, fit
+from vaepipe.training.loop import _Loop, fit
+from vaepipe.training.step import forward
 
 
 def _gradients(vae, x, gradient: str, seeds: range) -> tuple[dict, list[list[float]]]:
@@ -20,7 +21,7 @@ def _gradients(vae, x, gradient: str, seeds: range) -> tuple[dict, list[list[flo
     bounds = []
     for seed in seeds:
         torch.manual_seed(seed)
-        loss, check, terms = _forward(loop, x, 1.0)
+        loss, check, terms = forward(loop, x, 1.0)
         vae.zero_grad()
         loss.backward()
         bounds.append([check.item(), *terms.tolist()])

@@ -9,7 +9,6 @@ and when the loop is interrupted, so the stage script can log, save and later re
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -21,11 +20,12 @@ import torch
 from vaepipe import signals
 from vaepipe.config import TrainConfig
 from vaepipe.data.arrays import binarize
-from vaepipe.errors import VaepipeError
 from vaepipe.evaluation.likelihood import evaluate_elbo, iwae_log_likelihood
-from vaepipe.model.objectives import dreg_surrogate, sample_terms
 from vaepipe.model.vae import VAE
 from vaepipe.training import distributed
+from vaepipe.training.step import TrainingDiverged, adam, check_finite, forward
+
+__all__ = ["EpochStats", "TrainingDiverged", "fit", "kl_weight", "cosine_lr"]
 
 # Validation examples per forward pass (memory only: the eps of each pass are drawn in turn
 # from one generator, so the figures follow the seed, not this size)
@@ -61,18 +61,12 @@ class EpochStats:
         return [(split, k, v) for split, terms in both.items() for k, v in terms.items()]
 
 
-class TrainingDiverged(VaepipeError):
-    """The loss or a gradient became NaN/Inf; raised before the bad step is applied."""
-
-
 class _Loop:
     """Training state that must survive an interruption: enough to resume bit-for-bit on CPU."""
 
     def __init__(self, vae: VAE, cfg: TrainConfig, device: torch.device, group: distributed.Group):
         self.vae = vae
-        # foreach: multi-tensor kernels instead of a Python loop over the parameters (the
-        # default on CUDA only); on CPU the same numbers bit for bit, and up to 3% faster a step.
-        self.opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr, foreach=True)
+        self.opt = adam(vae.parameters(), cfg.lr)
         self.group = group
         # Under torchrun: the VAE in DistributedDataParallel, taking (x slice, eps slice).
         self.model = distributed.wrap(vae, group) if group.enabled else distributed.Step(vae)
@@ -142,27 +136,6 @@ class _Loop:
         self.stopped = best["stopped"]
 
 
-def _check_finite(vae: VAE, loss: torch.Tensor, epoch: int, batch: int) -> None:
-    # One pass over the gradients (a sum: any NaN/Inf makes it NaN/Inf, and it is the cheapest
-    # reduction, ~3% of a CPU step) and one host sync for loss and gradients together (each
-    # sync stalls a GPU's queue); only when it is not finite do we look element by element
-    # (huge but finite gradients can overflow the sum alone: those are not a NaN/Inf).
-    total = torch.stack([p.grad.sum() for p in vae.parameters() if p.grad is not None]).sum()
-    if bool(torch.isfinite(loss + total)):
-        return
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, batch {batch}")
-    bad = [
-        n
-        for n, p in vae.named_parameters()
-        if p.grad is not None and not torch.isfinite(p.grad).all()
-    ]
-    if bad:
-        raise TrainingDiverged(
-            f"gradient of {', '.join(bad)} is NaN/Inf at epoch {epoch}, batch {batch}"
-        )
-
-
 def kl_weight(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """beta at optimizer step `step` (0-based): a linear ramp from ~0 to beta over the first
     warmup_epochs epochs (Bowman et al. 2016; Sønderby et al. 2016), then beta."""
@@ -200,10 +173,10 @@ def _train_epoch(loop: _Loop, interrupts):
         if loop.binarization == "dynamic":
             xb = binarize(xb, loop.gen)
         beta = kl_weight(cfg, loop.epoch * steps + loop.batch, steps)
-        loss, check, stats = _forward(loop, xb, beta, yb)
+        loss, check, stats = forward(loop, xb, beta, yb)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
-        _check_finite(vae, check, loop.epoch + 1, loop.batch + 1)
+        check_finite(vae, check, loop.epoch + 1, loop.batch + 1)
         loop.opt.step()
         stats, stop = _sync_step(loop, interrupts, stats)
         loop.sums += stats
@@ -211,50 +184,6 @@ def _train_epoch(loop: _Loop, interrupts):
         if stop:
             raise KeyboardInterrupt(stop)
     return (loop.sums / n).tolist(), beta
-
-
-def _forward(loop: _Loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None = None):
-    """One global batch: (loss to backpropagate, loss to check, n * (loss, recon, kl, elbo)).
-
-    Under torchrun each rank takes its slice of the batch and of one global eps draw (the
-    numbers one process draws), so the gradient DDP averages is the global batch's.
-    """
-    vae, group, tcfg = loop.vae, loop.group, loop.cfg
-    iwae = tcfg.objective == "iwae"
-    shape = (tcfg.iwae_k, len(xb), vae.noise_dim) if iwae else (len(xb), vae.noise_dim)
-    eps = torch.randn(shape, device=xb.device)
-    x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
-    y_local = None if yb is None else distributed.local_slice(yb, group)
-    bf16 = tcfg.precision == "bf16"  # the model's matrix products in bfloat16 (autocast)
-    with torch.autocast(xb.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
-        s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
-    z = s.z  # the sample the decoder and the prior read (DReG scales the gradient it gets)
-    if bf16:
-        s = s.float()  # the loss from float32 outputs
-    if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
-        # 0, and a zero gradient for every weight (a learned sigma too, used outside forward)
-        zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
-        zero = zero + sum(0 * p.sum() for p in vae.parameters())
-        return zero, zero, loop.sums.new_zeros(4)
-    lik, weights = vae.likelihood, {"beta": beta, "free_bits": tcfg.free_bits, "iwae": iwae}
-    if iwae and tcfg.iwae_gradient == "dreg":
-        loss, w, log_px_z = dreg_surrogate(x_local, s, lik)
-        z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))  # z's path: w~^2 in all
-        with torch.no_grad():  # the terms are figures here, from the surrogate's log p(x|z)
-            t = sample_terms(x_local, s, lik, **weights, log_px_z=log_px_z)
-    else:
-        t = sample_terms(x_local, s, lik, **weights)
-        loss = t.loss
-    if not group.enabled:
-        return loss, t.loss, len(xb) * _terms(t)
-    # DDP averages the ranks' gradients; weighting each rank's batch mean by its share of the
-    # batch (slices may differ by one row) makes that the gradient of the global batch mean.
-    weight = len(x_local) * group.world_size / len(xb)
-    return loss * weight, t.loss, len(x_local) * _terms(t)
-
-
-def _terms(t) -> torch.Tensor:
-    return torch.stack([t.loss, t.recon, t.kl, t.elbo]).detach().double()
 
 
 def _sync_step(loop: _Loop, interrupts, stats: torch.Tensor):
