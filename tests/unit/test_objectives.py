@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vaepipe.model.gaussian import kl_per_dim, log_normal_diag
-from vaepipe.model.likelihoods import Likelihood
+from vaepipe.model.likelihoods import Likelihood, bernoulli_nll
 from vaepipe.model.objectives import elbo_terms, iwae_bound, log_weights
 from vaepipe.model.vae import LatentSample
 
@@ -42,6 +42,23 @@ def test_bernoulli_nll_hand_computed():
     logits = torch.tensor([0.0, math.log(3), 0.0, 0.0]).reshape(1, 1, 2, 2)
     expected = -3 * math.log(0.5) - math.log(0.25)
     assert recon_nll(x, logits, "bernoulli").item() == pytest_approx(expected)
+
+
+def test_bernoulli_nll_in_pytorch_is_the_exported_graphs_formula_for_any_logit():
+    # Training and evaluation take BCE-with-logits (one kernel); an exported graph takes the
+    # spelled-out form. Both are finite for saturated logits and agree, gradients too, with K
+    # samples of logits broadcast against one x.
+    logits = torch.cat([torch.linspace(-200, 200, 61), torch.randn(39)]).reshape(1, 1, 10, 10)
+    logits = torch.cat([logits, -logits]).unsqueeze(1).repeat(1, 3, 1, 1, 1)  # [K 2, B 3, ...]
+    logits.requires_grad_(True)
+    x = torch.rand(3, 1, 10, 10, generator=torch.Generator().manual_seed(0)).bernoulli()
+    eager = bernoulli_nll(logits, x)
+    spelled = logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - x * logits
+    assert eager.shape == spelled.shape == (2, 3, 1, 10, 10) and torch.isfinite(eager).all()
+    torch.testing.assert_close(eager, spelled, atol=1e-5, rtol=1e-6)
+    (g_eager,) = torch.autograd.grad(eager.sum(), logits)
+    (g_spelled,) = torch.autograd.grad(spelled.sum(), logits)
+    torch.testing.assert_close(g_eager, g_spelled, atol=1e-6, rtol=1e-6)
 
 
 def test_gaussian_nll_is_a_density_summed_over_pixels():

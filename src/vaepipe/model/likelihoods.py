@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from vaepipe.model.gaussian import LOG_2PI
 
@@ -56,11 +57,15 @@ def mean(kind: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log Bernoulli(x; sigmoid(logits)) elementwise, = softplus(l) - x l, written so that no
-    exp overflows and no log meets 0 for any logit: what BCE-with-logits computes, spelled out
-    because ONNX exports F.binary_cross_entropy_with_logits as log(sigmoid(l)), which is -inf
-    once sigmoid underflows (a saturated pixel of a trained decoder)."""
-    return logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - x * logits
+    """-log Bernoulli(x; sigmoid(logits)) elementwise, = softplus(l) - x l, with no exp that
+    overflows and no log that meets 0 for any logit. In PyTorch that is BCE-with-logits, one
+    fused kernel each way; in an exported graph it is spelled out, because ONNX exports
+    F.binary_cross_entropy_with_logits as log(sigmoid(l)), which is -inf once sigmoid
+    underflows (a saturated pixel of a trained decoder)."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - x * logits
+    logits, x = torch.broadcast_tensors(logits, x)  # K samples [K, B, ...] of x [B, ...]
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none")
 
 
 # Below |eta| < this the closed forms of the continuous Bernoulli cancel catastrophically in
