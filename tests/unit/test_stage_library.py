@@ -216,3 +216,13 @@ def test_the_kl_chart_of_a_very_wide_latent_stays_a_readable_size(tmp_path):
     plots.kl_per_dim_bars(tmp_path / "kl.png", kl[shown], kl[shown], 0.5, dims=shown, of=len(kl))
     with Image.open(tmp_path / "kl.png") as im:
         assert im.size[0] * im.size[1] < 40 * 6 * 200**2  # at most 40 x 6 inches
+
+
+def test_bf16_warns_on_a_gpu_where_it_was_measured_slower_and_not_on_a_cpu(capsys):
+    assert "train.precision" in session.precision_warning("bf16", "cuda")
+    assert session.precision_warning("fp32", "cuda") is None
+    assert session.precision_warning("bf16", "cpu") is None  # faster with AVX512-BF16
+    p = params()
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, precision="bf16"))
+    session.check_precision(p, torch.device("cpu"))
+    assert capsys.readouterr().err == ""
