@@ -260,6 +260,22 @@ def test_prior_onnx_of_the_standard_prior_is_the_noise_itself(tmp_path):
             "is for one stochastic layer, not 'model.arch' = 'hvae'",
         ),
         ({"model": {"prior": "flow"}}, "choose one of: standard, vamp, mog"),
+        (
+            {"train": {"compile": "default", "nproc": 2}},
+            "'train.compile' = 'default' is for one training process, not nproc x nnodes = 2",
+        ),
+        (
+            {
+                "train": {
+                    "compile": "reduce-overhead",
+                    "objective": "iwae",
+                    "iwae_gradient": "dreg",
+                }
+            },
+            "does not take 'train.iwae_gradient' = 'dreg'",
+        ),
+        ({"train": {"compile": "fast"}}, "choose one of: none, default, reduce-overhead"),
+        ({"train": {"compile": False}}, "'train.compile'"),  # YAML's `off`
         ({"model": {"prior_components": 0}}, "'model.prior_components' = 0 is out of range"),
     ],
 )

@@ -218,11 +218,15 @@ def test_the_kl_chart_of_a_very_wide_latent_stays_a_readable_size(tmp_path):
         assert im.size[0] * im.size[1] < 40 * 6 * 200**2  # at most 40 x 6 inches
 
 
-def test_bf16_warns_on_a_gpu_where_it_was_measured_slower_and_not_on_a_cpu(capsys):
-    assert "train.precision" in session.precision_warning("bf16", "cuda")
-    assert session.precision_warning("fp32", "cuda") is None
-    assert session.precision_warning("bf16", "cpu") is None  # faster with AVX512-BF16
-    p = params()
-    p = dataclasses.replace(p, train=dataclasses.replace(p.train, precision="bf16"))
-    session.check_precision(p, torch.device("cpu"))
-    assert capsys.readouterr().err == ""
+def test_bf16_and_compile_warn_where_they_were_measured_slower(capsys):
+    t = params().train
+    assert session.speed_warnings(t, "cuda") == session.speed_warnings(t, "cpu") == []
+    bf16 = dataclasses.replace(t, precision="bf16")
+    assert "'train.precision' = 'bf16'" in session.speed_warnings(bf16, "cuda")[0]
+    assert session.speed_warnings(bf16, "cpu") == []  # faster with AVX512-BF16
+    compiled = dataclasses.replace(t, compile="reduce-overhead")
+    assert "'train.compile' = 'reduce-overhead'" in session.speed_warnings(compiled, "cpu")[0]
+    assert session.speed_warnings(compiled, "cuda") == []
+    p = dataclasses.replace(params(), train=dataclasses.replace(bf16, compile="default"))
+    session.check_device_params(p, torch.device("cpu"))
+    assert capsys.readouterr().err.startswith("train: warning: param 'train.compile'")

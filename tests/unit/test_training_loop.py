@@ -1,5 +1,6 @@
 """The training loop: learning happens, NaN stops it by name, interrupts resume bit-for-bit."""
 
+import dataclasses
 import os
 import signal
 
@@ -215,3 +216,36 @@ def test_the_fused_adam_follows_the_default_adam_within_float_tolerance():
             opt.step()
     assert not torch.equal(weights(a), weights(b))  # two implementations...
     torch.testing.assert_close(weights(a), weights(b), atol=1e-5, rtol=0)  # ...one update
+
+
+def test_a_compiled_step_trains_the_eager_model_and_resumes_exactly():
+    # train.compile hands the step's forward pass and loss to torch.compile: the same model as
+    # eager within float tolerance, and a run stopped between epochs resumes to the same bits.
+    x, xv = data(n=300)
+    cfg = train_cfg(epochs=2, batch_size=50, warmup_epochs=2, compile="default")
+    straight = fresh()
+    fit(straight, x, xv, cfg, "dynamic", progress=False)
+    eager = fresh()
+    fit(eager, x, xv, dataclasses.replace(cfg, compile="none"), "dynamic", progress=False)
+    torch.testing.assert_close(weights(straight), weights(eager), atol=1e-4, rtol=0)
+
+    saved = []
+
+    def stop_after_epoch_1(stats):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        fit(
+            fresh(),
+            x,
+            xv,
+            cfg,
+            "dynamic",
+            on_epoch_end=stop_after_epoch_1,
+            on_checkpoint=saved.append,
+            progress=False,
+        )
+    assert (saved[-1]["epoch"], saved[-1]["batch"]) == (1, 0)
+    resumed = fresh()
+    fit(resumed, x, xv, cfg, "dynamic", resume=saved[-1], progress=False)
+    assert torch.equal(weights(resumed), weights(straight))

@@ -112,6 +112,24 @@ def _check_train(t: TrainConfig) -> None:
             f"for lr_schedule '{t.lr_schedule}'"
         )
     _check_launch(t)
+    _check_compile(t)
+
+
+def _check_compile(t: TrainConfig) -> None:
+    """torch.compile takes the step of one process whose gradient has no hook."""
+    if t.compile == "none":
+        return
+    if t.nproc * t.nnodes > 1:
+        raise ConfigError(
+            f"param 'train.compile' = '{t.compile}' is for one training process, not "
+            f"nproc x nnodes = {t.nproc * t.nnodes}; set it to none"
+        )
+    if t.objective == "iwae" and t.iwae_gradient == "dreg":
+        raise ConfigError(
+            f"param 'train.compile' = '{t.compile}' does not take 'train.iwae_gradient' = "
+            "'dreg' (its gradient hook runs outside a compiled graph); use standard, or "
+            "compile none"
+        )
 
 
 ENDPOINT = re.compile(r"(?P<host>[^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")

@@ -19,6 +19,8 @@ PRIORS = ("standard", "vamp", "mog")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16")
+# torch.compile of the training step: none, or one of torch.compile's modes
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -94,6 +96,7 @@ class TrainConfig:
     device: str = field(metadata=_choice(*DEVICES))
     threads: int = field(metadata=_range(0, MAX_THREADS))
     precision: str = field(metadata=_choice(*PRECISIONS))
+    compile: str = field(metadata=_choice(*COMPILE_MODES))
     resume: bool = field(metadata={})
     # torchrun launched by the stage itself (distributed.launch) when nproc * nnodes > 1
     nproc: int = field(metadata=_range(1, 1024))

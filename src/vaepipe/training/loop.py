@@ -23,7 +23,13 @@ from vaepipe.data.arrays import binarize
 from vaepipe.evaluation.likelihood import evaluate_elbo, iwae_log_likelihood
 from vaepipe.model.vae import VAE
 from vaepipe.training import distributed
-from vaepipe.training.step import TrainingDiverged, adam, check_finite, forward
+from vaepipe.training.step import (
+    TrainingDiverged,
+    adam,
+    check_finite,
+    forward,
+    step_loss_terms,
+)
 
 __all__ = ["EpochStats", "TrainingDiverged", "fit", "kl_weight", "cosine_lr"]
 
@@ -70,6 +76,8 @@ class _Loop:
         self.group = group
         # Under torchrun: the VAE in DistributedDataParallel, taking (x slice, eps slice).
         self.model = distributed.wrap(vae, group) if group.enabled else distributed.Step(vae)
+        self.compiled = cfg.compile != "none"
+        self.loss_terms = step_loss_terms(self.model, vae, cfg)
         self.cfg = cfg
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.epoch = 0  # epochs completed

@@ -128,27 +128,32 @@ def build_model(params: config.Params, data: TrainingData, device: torch.device)
         ) from None
 
 
-def check_precision(params: config.Params, device: torch.device) -> None:
+def check_device_params(params: config.Params, device: torch.device) -> None:
     if params.train.precision == "bf16" and device.type == "cuda":
         if not torch.cuda.is_bf16_supported():
             raise ConfigError(
                 f"param 'train.precision' = 'bf16' but {torch.cuda.get_device_name(device)} "
                 "has no bfloat16 support; use fp32"
             )
-    warning = precision_warning(params.train.precision, device.type)
-    if warning:
+    for warning in speed_warnings(params.train, device.type):
         print(f"train: warning: {warning}", file=sys.stderr)
 
 
-def precision_warning(precision: str, device_type: str) -> str | None:
-    """Why this precision is the slower one on this kind of device, where that was measured."""
-    if precision == "bf16" and device_type == "cuda":
-        return (
+def speed_warnings(t: config.TrainConfig, device_type: str) -> list[str]:
+    """Params that were measured to make training slower on this kind of device, and why."""
+    out = []
+    if t.precision == "bf16" and device_type == "cuda":
+        out.append(
             "param 'train.precision' = 'bf16' makes a step slower on a GPU, not faster: these "
             "models are too small for the tensor cores to repay autocast's casts (1.2-1.6x "
             "the fp32 step on an H100 and an H200, docs/performance.md); fp32 trains faster"
         )
-    return None
+    if t.compile != "none" and device_type == "cpu":
+        out.append(
+            f"param 'train.compile' = '{t.compile}' compiles for tens of seconds and was "
+            "measured no faster than eager on a CPU (docs/performance.md); none starts at once"
+        )
+    return out
 
 
 # --- what a checkpoint must match --------------------------------------------------------------
@@ -208,7 +213,7 @@ def check_same_everywhere(params, data: TrainingData, group: distributed.Group) 
 def prepare(params: config.Params, group, device: torch.device, script: Path) -> Job:
     """The data, the model and the checkpoint to resume of this process (every process of a
     torchrun alike: the lead reads the checkpoint and hands it to the others)."""
-    check_precision(params, device)
+    check_device_params(params, device)
     data = load_data(params, device)
     vae = build_model(params, data, device)
     fp = fingerprint(params, len(data.x_train), script)

@@ -4,9 +4,12 @@ before the step is applied, and the optimizer. `loop.fit` runs them in order."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from torch import nn
 
+from vaepipe.config import TrainConfig
 from vaepipe.errors import VaepipeError
 from vaepipe.model.objectives import dreg_surrogate, sample_terms
 from vaepipe.model.vae import VAE
@@ -62,33 +65,66 @@ def forward(loop, xb: torch.Tensor, beta: float, yb: torch.Tensor | None = None)
     eps = torch.randn(shape, device=xb.device)
     x_local = distributed.local_slice(xb, group)  # [b, C, H, W], b ~ B / world_size
     y_local = None if yb is None else distributed.local_slice(yb, group)
-    bf16 = tcfg.precision == "bf16"  # the model's matrix products in bfloat16 (autocast)
-    with torch.autocast(xb.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
-        s = loop.model(x_local, distributed.local_slice(eps, group, dim=-2), y_local)
-    z = s.z  # the sample the decoder and the prior read (DReG scales the gradient it gets)
-    if bf16:
-        s = s.float()  # the loss from float32 outputs
+    eps_local = distributed.local_slice(eps, group, dim=-2)
     if len(x_local) == 0:  # a last batch smaller than the world: join the all-reduce only
-        # 0, and a zero gradient for every weight (a learned sigma too, used outside forward)
-        zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
-        zero = zero + sum(0 * p.sum() for p in vae.parameters())
-        return zero, zero, loop.sums.new_zeros(4)
-    lik, weights = vae.likelihood, {"beta": beta, "free_bits": tcfg.free_bits, "iwae": iwae}
+        return _no_examples(loop, x_local, eps_local, y_local)
     if iwae and tcfg.iwae_gradient == "dreg":
-        loss, w, log_px_z = dreg_surrogate(x_local, s, lik)
-        z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))  # z's path: w~^2 in all
-        with torch.no_grad():  # the terms are figures here, from the surrogate's log p(x|z)
-            t = sample_terms(x_local, s, lik, **weights, log_px_z=log_px_z)
+        loss, check, t = _dreg(loop, x_local, eps_local, y_local, beta)
     else:
-        t = sample_terms(x_local, s, lik, **weights)
-        loss = t.loss
+        if loop.compiled:  # a tensor: a new KL weight (warm-up) is no new graph to compile
+            beta = torch.tensor(beta, device=xb.device)
+        loss, t = loop.loss_terms(x_local, eps_local, y_local, beta)
+        check = loss
     if not group.enabled:
-        return loss, t.loss, len(xb) * terms(t)
+        return loss, check, len(xb) * t.double()
     # DDP averages the ranks' gradients; weighting each rank's batch mean by its share of the
     # batch (slices may differ by one row) makes that the gradient of the global batch mean.
     weight = len(x_local) * group.world_size / len(xb)
-    return loss * weight, t.loss, len(x_local) * terms(t)
+    return loss * weight, check, len(x_local) * t.double()
 
 
-def terms(t) -> torch.Tensor:
-    return torch.stack([t.loss, t.recon, t.kl, t.elbo]).detach().double()
+def loss_terms(model: nn.Module, vae: VAE, cfg: TrainConfig, x, eps, y, beta):
+    """(loss, [loss, recon, kl, elbo] detached) of one batch with the noise eps; `model` is the
+    VAE's sampling pass (distributed.Step, or it under DDP). What train.compile compiles."""
+    s = _sample(model, x, eps, y, cfg)
+    weights = {"beta": beta, "free_bits": cfg.free_bits, "iwae": cfg.objective == "iwae"}
+    t = sample_terms(x, s, vae.likelihood, **weights)
+    return t.loss, torch.stack([t.loss, t.recon, t.kl, t.elbo]).detach()
+
+
+def step_loss_terms(model: nn.Module, vae: VAE, cfg: TrainConfig):
+    """loss_terms(x, eps, y, beta) of this model: as it is, or torch.compile'd in the mode of
+    train.compile ('reduce-overhead' replays the step as CUDA graphs on a GPU)."""
+    fn = functools.partial(loss_terms, model, vae, cfg)
+    if cfg.compile == "none":
+        return fn
+    return torch.compile(fn, mode=cfg.compile)
+
+
+def _sample(model, x, eps, y, cfg: TrainConfig):
+    bf16 = cfg.precision == "bf16"  # the model's matrix products in bfloat16 (autocast)
+    with torch.autocast(x.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
+        s = model(x, eps, y)
+    return s.float() if bf16 else s  # the loss from float32 outputs
+
+
+def _dreg(loop, x, eps, y, beta):
+    """The DReG surrogate (loss, loss to check, terms): the gradient reaching z is scaled by
+    the normalized weights, through a hook."""
+    tcfg, lik = loop.cfg, loop.vae.likelihood
+    s = _sample(loop.model, x, eps, y, tcfg)
+    z = s.z  # the sample the decoder and the prior read (DReG scales the gradient it gets)
+    loss, w, log_px_z = dreg_surrogate(x, s, lik)
+    z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))  # z's path: w~^2 in all
+    with torch.no_grad():  # the terms are figures here, from the surrogate's log p(x|z)
+        weights = {"beta": beta, "free_bits": tcfg.free_bits, "iwae": True}
+        t = sample_terms(x, s, lik, **weights, log_px_z=log_px_z)
+    return loss, t.loss, torch.stack([t.loss, t.recon, t.kl, t.elbo]).detach()
+
+
+def _no_examples(loop, x, eps, y):
+    """0, and a zero gradient for every weight (a learned sigma too, used outside forward)."""
+    s = _sample(loop.model, x, eps, y, loop.cfg)
+    zero = s.logits.sum() + s.mu.sum() + s.logvar.sum()
+    zero = zero + sum(0 * p.sum() for p in loop.vae.parameters())
+    return zero, zero, loop.sums.new_zeros(4)
