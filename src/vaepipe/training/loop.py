@@ -20,6 +20,7 @@ import torch
 from vaepipe import signals
 from vaepipe.config import TrainConfig
 from vaepipe.data.arrays import binarize
+from vaepipe.errors import ConfigError
 from vaepipe.evaluation.likelihood import evaluate_elbo, iwae_log_likelihood
 from vaepipe.model.vae import VAE
 from vaepipe.training import distributed
@@ -76,8 +77,14 @@ class _Loop:
         self.group = group
         # Under torchrun: the VAE in DistributedDataParallel, taking (x slice, eps slice).
         self.model = distributed.wrap(vae, group) if group.enabled else distributed.Step(vae)
-        self.compiled = cfg.compile != "none"
+        if cfg.compile != "none" and group.enabled:  # torchrun started by hand
+            raise ConfigError(
+                f"param 'train.compile' = '{cfg.compile}' is for one training process, not "
+                f"{group.world_size}; set it to none"
+            )
         self.loss_terms = step_loss_terms(self.model, vae, cfg)
+        # the KL weight as a device scalar the compiled step reads (None: eager, a float)
+        self.beta_scalar = None if cfg.compile == "none" else torch.zeros((), device=device)
         self.cfg = cfg
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.epoch = 0  # epochs completed

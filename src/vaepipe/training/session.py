@@ -128,14 +128,15 @@ def build_model(params: config.Params, data: TrainingData, device: torch.device)
         ) from None
 
 
-def check_device_params(params: config.Params, device: torch.device) -> None:
+def check_device_params(params: config.Params, device: torch.device, warn: bool = True) -> None:
+    """bf16 where the GPU has it; `warn`: print the speed warnings (one process of a torchrun)."""
     if params.train.precision == "bf16" and device.type == "cuda":
         if not torch.cuda.is_bf16_supported():
             raise ConfigError(
                 f"param 'train.precision' = 'bf16' but {torch.cuda.get_device_name(device)} "
                 "has no bfloat16 support; use fp32"
             )
-    for warning in speed_warnings(params.train, device.type):
+    for warning in speed_warnings(params.train, device.type) if warn else []:
         print(f"train: warning: {warning}", file=sys.stderr)
 
 
@@ -145,13 +146,14 @@ def speed_warnings(t: config.TrainConfig, device_type: str) -> list[str]:
     if t.precision == "bf16" and device_type == "cuda":
         out.append(
             "param 'train.precision' = 'bf16' makes a step slower on a GPU, not faster: these "
-            "models are too small for the tensor cores to repay autocast's casts (1.2-1.6x "
+            "models are too small for the tensor cores to repay autocast's casts (1.05-1.4x "
             "the fp32 step on an H100 and an H200, docs/performance.md); fp32 trains faster"
         )
     if t.compile != "none" and device_type == "cpu":
         out.append(
-            f"param 'train.compile' = '{t.compile}' compiles for tens of seconds and was "
-            "measured no faster than eager on a CPU (docs/performance.md); none starts at once"
+            f"param 'train.compile' = '{t.compile}' compiles for seconds (tens the first time "
+            "on a machine) and was measured no faster than eager on a CPU "
+            "(docs/performance.md); none starts at once"
         )
     return out
 
@@ -213,7 +215,7 @@ def check_same_everywhere(params, data: TrainingData, group: distributed.Group) 
 def prepare(params: config.Params, group, device: torch.device, script: Path) -> Job:
     """The data, the model and the checkpoint to resume of this process (every process of a
     torchrun alike: the lead reads the checkpoint and hands it to the others)."""
-    check_device_params(params, device)
+    check_device_params(params, device, warn=group.is_main)
     data = load_data(params, device)
     vae = build_model(params, data, device)
     fp = fingerprint(params, len(data.x_train), script)
