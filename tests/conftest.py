@@ -8,7 +8,14 @@ MLflow server and browser. `make test` runs all three.
 """
 
 import os
+import signal
 from pathlib import Path
+
+# A shell without job control starts a background job (`make test &`) with SIGINT ignored, and
+# every process it starts inherits that: the tests that send SIGINT to a stage would then see
+# nothing happen. Ctrl-C's default here, so this process and the ones the tests start take it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Under pytest-xdist (`make check`, `make test`) the workers share the cores: one thread each
 # for torch, the BLAS and onnxruntime, in the worker and in the processes its tests start,
