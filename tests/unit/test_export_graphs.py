@@ -36,6 +36,43 @@ def test_graphs_follow_the_contract(exported):
         assert meta["opset"] == "18"
 
 
+def test_every_dim_but_the_batch_is_fixed(exported):
+    _, paths = exported
+    shapes = {
+        "encoder": {"x": [1, 8, 8], "mu": [3], "logvar": [3]},
+        "decoder": {"z": [3], "x_mean": [1, 8, 8]},
+        "prior": {"eps": [3], "u": [], "z": [3]},
+    }
+    for name, expected in shapes.items():
+        graph = onnx.load(str(paths[name])).graph
+        got = {
+            v.name: [d.dim_value for d in v.type.tensor_type.shape.dim[1:]]
+            for v in [*graph.input, *graph.output]
+        }
+        assert got == expected, name
+
+
+def test_a_graph_the_trace_would_freeze_is_refused(tiny_vae, tmp_path):
+    """A Python branch on a tensor's value is recorded as the one path the example took: such
+    a graph is refused with the place that branched, and its file is never written."""
+
+    class Branching(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z, y=None):
+            return self.net(z, y) if z.sum() > 0 else self.net(-z, y)
+
+    tiny_vae.decoder = Branching(tiny_vae.decoder)
+    with pytest.raises(graphs.ExportError) as e:
+        graphs.export_models(tiny_vae, tmp_path, opset=18, metadata={})
+    message = str(e.value)
+    assert message.startswith("decoder.onnx cannot be traced whole (test_export_graphs.py:")
+    assert "Python boolean" in message and "\n" not in message
+    assert not (tmp_path / "decoder.onnx").exists()
+
+
 def test_parity_and_dynamic_batch_in_onnxruntime(exported):
     vae, paths = exported
     enc = runtime.open_session(paths["encoder"], "cpu")

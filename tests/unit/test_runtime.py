@@ -1,9 +1,11 @@
 """onnxruntime sessions: provider policy and reporting, input checks, IO binding, variants."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import vae_cfg
+from onnx import numpy_helper
 
 from vaepipe.errors import ModelFileError, RuntimeProviderError
 from vaepipe.export import graphs, variants
@@ -155,7 +157,20 @@ def test_variants_keep_the_contract_and_stay_close(exported, tmp_path):
         assert out.dtype == np.float32 and np.abs(out - ref).max() < atol
         errs = graphs.parity(vae, decoder_sess=sess)
         assert set(errs) == {"decoder_b1", "decoder_b257"} and max(errs.values()) < atol
-    assert (tmp_path / "decoder.int8.onnx").stat().st_size < paths["decoder"].stat().st_size
+    # int8 weights: a quarter of the float32 bytes (a model this small gains little on disk:
+    # the quantizer's scales and ops take about what the weights save)
+    int8 = initializer_bytes(tmp_path / "decoder.int8.onnx", onnx.TensorProto.INT8)
+    assert 0 < 4 * int8 <= initializer_bytes(paths["decoder"], onnx.TensorProto.FLOAT)
+
+
+def initializer_bytes(path, data_type) -> int:
+    """Bytes of the graph's constant tensors of `data_type`."""
+    model = onnx.load(str(path))
+    return sum(
+        numpy_helper.to_array(t).nbytes
+        for t in model.graph.initializer
+        if t.data_type == data_type
+    )
 
 
 @needs_gpu

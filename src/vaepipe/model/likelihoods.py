@@ -56,13 +56,24 @@ def mean(kind: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits)
 
 
+def _exporting() -> bool:
+    """Inside torch.onnx's trace (or torch.export): ops ONNX lacks are spelled out."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def _expm1(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) - 1, torch's exact kernel; exp(x) - 1 as written in an exported graph (ONNX has
+    no Expm1). Callers keep |x| >= 0.5, where the two differ by a float32 rounding."""
+    return torch.exp(x) - 1 if _exporting() else torch.expm1(x)
+
+
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log Bernoulli(x; sigmoid(logits)) elementwise, = softplus(l) - x l, with no exp that
     overflows and no log that meets 0 for any logit. In PyTorch that is BCE-with-logits, one
     fused kernel each way; in an exported graph it is spelled out, because ONNX exports
     F.binary_cross_entropy_with_logits as log(sigmoid(l)), which is -inf once sigmoid
     underflows (a saturated pixel of a trained decoder)."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if _exporting():
         return logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - x * logits
     logits, x = torch.broadcast_tensors(logits, x)  # K samples [K, B, ...] of x [B, ...]
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none")
@@ -82,7 +93,7 @@ def cb_log_norm(eta: torch.Tensor) -> torch.Tensor:
     small = eta.abs() < _CB_TAYLOR
     safe = torch.where(small, torch.ones_like(eta), eta)  # no log(0) feeding a NaN gradient
     a = safe.abs()
-    exact = torch.log(a) - safe.clamp_min(0) - torch.log(-torch.expm1(-a))
+    exact = torch.log(a) - safe.clamp_min(0) - torch.log(-_expm1(-a))
     e2 = eta * eta  # log C = -eta/2 + log(s / sinh s), s = eta/2, expanded in s
     series = -eta / 2 - e2 / 24 + e2 * e2 / 2880 - e2 * e2 * e2 / 90720
     return torch.where(small, series, exact)
@@ -93,7 +104,7 @@ def cb_mean(eta: torch.Tensor) -> torch.Tensor:
     small = eta.abs() < _CB_TAYLOR
     safe = torch.where(small, torch.ones_like(eta), eta)
     a = safe.abs()  # mean(-eta) = 1 - mean(eta): only e^-|eta| is ever formed, no overflow
-    upper = -1.0 / torch.expm1(-a) - 1.0 / a
+    upper = -1.0 / _expm1(-a) - 1.0 / a
     exact = torch.where(safe > 0, upper, 1.0 - upper)
     e2 = eta * eta
     series = 0.5 + eta / 12 - eta * e2 / 720 + eta * e2 * e2 / 30240

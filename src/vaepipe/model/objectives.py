@@ -14,7 +14,6 @@ model's Likelihood.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -143,4 +142,4 @@ def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     and ONNX's ReduceLogSumExp (what torch.logsumexp exports to) sums exp() unshifted, which
     underflows to log(0) = -inf in the exported scorer."""
     top = log_w.max(dim=0).values.detach()  # [B]; a constant shift: no gradient through it
-    return top + torch.log(torch.exp(log_w - top).sum(0)) - math.log(log_w.shape[0])
+    return top + torch.log(torch.exp(log_w - top).mean(0))

@@ -21,12 +21,14 @@ from vaepipe.model.gaussian import mixture_log_prob, reparameterize, standard_lo
 
 def pick(u: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     """The component index of each uniform u [B] in [0, 1) under weights exp(log_weights) [K]:
-    a one-hot [B, K] (searchsorted on the cumulative weights, written with comparisons so it
-    exports to ONNX)."""
+    a one-hot [B, K] (searchsorted on the cumulative weights, written with comparisons and no
+    read of K, so it exports to ONNX as it runs)."""
     cdf = torch.cumsum(torch.softmax(log_weights, dim=0), dim=0)  # [K]
-    below = (u[:, None] >= cdf[None, :]).to(u.dtype)  # [B, K]: components passed
-    index = below.sum(-1).clamp(max=len(cdf) - 1)  # [B]
-    return (index[:, None] == torch.arange(len(cdf), device=u.device)[None, :]).to(u.dtype)
+    # past[b, k]: u is past the first k+1 components; 1s then 0s (the cdf never falls). Past
+    # the last one too is rounding (cdf[-1] may be below 1): u stays with the last.
+    past = (u[:, None] >= cdf[None, :-1]).to(u.dtype)  # [B, K-1]
+    one = torch.ones_like(u)[:, None]
+    return torch.cat([one, past], 1) - torch.cat([past, 0 * one], 1)  # 1 at the first not past
 
 
 class StandardPrior(nn.Module):
