@@ -60,8 +60,8 @@ SEED = {
 # "middle": train once its MLflow run is open (it trains for a while after), the others after
 # a pause that ends before they publish even on an idle machine (a busy one is slower), with
 # the half second a stage takes to see that dvc is gone (signals.stop_with_parent) to spare:
-# the classifier publishes about 2.8 s after it starts on an idle machine
-PAUSE = {"prepare": 0.5, "classifier": 1.5, "train": 1.0, "evaluate": 1.5, "export": 3.0}
+# the classifier publishes about 2.8 s after it starts on an idle machine, export 1.5 s
+PAUSE = {"prepare": 0.5, "classifier": 1.5, "train": 1.0, "evaluate": 1.5, "export": 0.5}
 POINTS = ("start", "middle", "late")  # late: the stage is writing its outputs to staging
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
