@@ -70,8 +70,11 @@ def make_copy(repo: Path, params: dict, nproc: int) -> None:
             f"torchrun --standalone --nproc_per_node {nproc} pipeline/train.py"
         )
         dvc_yaml.write_text(yaml.safe_dump(stages, sort_keys=False))
+    # --allow-empty: params.yaml's defaults, as the copy already holds them, change nothing
     subprocess.run(
-        ["git", *sandbox.GIT_IDENTITY, "commit", "-qam", "its params"], cwd=repo, check=True
+        ["git", *sandbox.GIT_IDENTITY, "commit", "-qam", "its params", "--allow-empty"],
+        cwd=repo,
+        check=True,
     )
 
 
