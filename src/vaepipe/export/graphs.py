@@ -86,6 +86,7 @@ def _traced(module: nn.Module, examples: tuple, in_names, out_names, opset: int)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore")  # the tracer's deprecation notice
         warnings.simplefilter("always", torch.jit.TracerWarning)
+        torch.jit.TracerWarning.ignore_lib_warnings()  # torch's own, about its internals
         torch.onnx.export(
             module,
             examples,

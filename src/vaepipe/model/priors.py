@@ -24,11 +24,11 @@ def pick(u: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     a one-hot [B, K] (searchsorted on the cumulative weights, written with comparisons and no
     read of K, so it exports to ONNX as it runs)."""
     cdf = torch.cumsum(torch.softmax(log_weights, dim=0), dim=0)  # [K]
-    # past[b, k]: u is past the first k+1 components; 1s then 0s (the cdf never falls). Past
-    # the last one too is rounding (cdf[-1] may be below 1): u stays with the last.
-    past = (u[:, None] >= cdf[None, :-1]).to(u.dtype)  # [B, K-1]
-    one = torch.ones_like(u)[:, None]
-    return torch.cat([one, past], 1) - torch.cat([past, 0 * one], 1)  # 1 at the first not past
+    # how many of the first K-1 components u is past: past the last one too is rounding
+    # (cdf[-1] may be below 1), and u stays with the last
+    index = (u[:, None] >= cdf[None, :-1]).to(cdf.dtype).sum(-1)  # [B], counted exactly
+    ids = torch.cumsum(torch.ones_like(cdf), 0) - 1  # 0 .. K-1
+    return (index[:, None] == ids[None, :]).to(u.dtype)
 
 
 class StandardPrior(nn.Module):
