@@ -150,12 +150,12 @@ def tiny_decoder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def new_project(tmp_path_factory):
-    """A factory of fresh project copies: new_project(name, tiny=True, **overrides) -> a
-    committed temp git repo with the pipeline, TINY params (unless tiny=False) and the
-    overrides ({"train.epochs": 2, ...})."""
+    """A factory of project copies: new_project(name, tiny=True, fresh=False, **overrides) ->
+    a committed temp git repo with the pipeline, TINY params (unless tiny=False) and the
+    overrides ({"train.epochs": 2, ...}); its data prepared unless fresh (make_project)."""
 
-    def make(name: str = "project", tiny: bool = True, **overrides) -> Path:
-        return make_project(tmp_path_factory.mktemp(name), tiny=tiny, **overrides)
+    def make(name: str = "project", tiny: bool = True, fresh: bool = False, **overrides) -> Path:
+        return make_project(tmp_path_factory.mktemp(name), tiny=tiny, fresh=fresh, **overrides)
 
     return make
 
@@ -164,7 +164,7 @@ def new_project(tmp_path_factory):
 def tiny_pipeline(new_project):
     """(repo, the first `dvc repro`'s process) after one tiny run of the whole pipeline (digits,
     PIPELINE params) under umask 022. Tests that change params put them back."""
-    repo = new_project("pipeline", **PIPELINE)
+    repo = new_project("pipeline", fresh=True, **PIPELINE)  # every stage runs
     previous = os.umask(0o022)  # the outputs must follow it, whatever the tests' own
     try:
         # the system-metrics sampler logs every 10 s by default: longer than this tiny run

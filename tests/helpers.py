@@ -2,14 +2,17 @@
 source of defaults, here too), commands run in a project copy, and tiny data. Set-up that has
 a lifetime (project copies, a pipeline run, servers) is a fixture in conftest.py."""
 
+import atexit
 import contextlib
 import copy
 import dataclasses
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,10 +137,46 @@ def set_params(repo: Path, **overrides):
     sandbox.set_params(repo, overrides)
 
 
-def make_project(repo: Path, tiny: bool = True, **overrides) -> Path:
+def make_project(repo: Path, tiny: bool = True, fresh: bool = False, **overrides) -> Path:
     """The pipeline in `repo` as a fresh git repo with tiny params (TINY, unless tiny=False)
-    and the overrides; conftest's `new_project` fixture makes one in a temp dir."""
-    return sandbox.copy_project(repo, {**(TINY if tiny else {}), **overrides}, "init")
+    and the overrides; conftest's `new_project` fixture makes one in a temp dir.
+
+    Unless fresh, the project also holds what `dvc repro classifier` leaves with TINY params
+    (prepared data, classifier, their dvc.lock entries and DVC cache), as a project does once
+    its data is prepared: DVC reruns those two stages when the data or classifier params (or
+    their code) differ, and skips them otherwise. A fresh project has run no stage."""
+    sandbox.copy_project(repo, {**(TINY if tiny else {}), **overrides}, "init")
+    if not fresh:
+        _seed_prepared(repo)
+    return repo
+
+
+# what `dvc repro classifier` adds to a project: its outputs, dvc.lock, the .gitignore files it
+# writes (DVC stages them, core.autostage) and the cache
+PREPARED_STAGED = ("dvc.lock", ".dvc/.gitignore", "data/.gitignore", "models/.gitignore")
+PREPARED_FILES = ("data/prepared", "models/classifier.pt", "metrics/classifier.json", ".dvc/cache")
+
+
+@functools.cache
+def _prepared_template() -> Path:
+    """A TINY project after `dvc repro classifier`, once per test process (removed at exit)."""
+    root = Path(tempfile.mkdtemp(prefix="vaepipe-prepared-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    repo = sandbox.copy_project(root / "project", TINY, "init")
+    sh(repo, "dvc", "repro", "classifier")
+    return repo
+
+
+def _seed_prepared(repo: Path) -> None:
+    template = _prepared_template()
+    for name in PREPARED_STAGED + PREPARED_FILES:
+        src, dest = template / name, repo / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dest)
+    sh(repo, "git", "add", *PREPARED_STAGED)
 
 
 def proto_data(n: int = 600, seed: int = 0):
