@@ -33,9 +33,15 @@ def team_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+# One MLflow server process (team.py starts two by default): a second uvicorn worker is a
+# second full import of the server, about 5 CPU seconds a start, and the tests start a dozen.
+SERVER_WORKERS = ("--workers", "1")
+
+
 def run_team(d: Path, *args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
+    workers = SERVER_WORKERS if args[:1] == ("up",) else ()
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--dir", str(d)],
+        [sys.executable, str(SCRIPT), *args, *workers, "--dir", str(d)],
         capture_output=True, text=True, env=env or team_env(), timeout=timeout,
     )  # fmt: skip
 
