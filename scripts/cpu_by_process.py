@@ -1,7 +1,8 @@
 """Where a command's CPU goes, by kind of process: runs the command and samples /proc twice a
 second, crediting each process's CPU seconds to its kind (a pipeline stage, a dvc subcommand,
 a vaepipe command, the MLflow server, a pytest worker, ...). Processes the command leaves
-behind (servers, DVC queue workers) are counted too, which `time` misses.
+behind (servers, DVC queue workers) are counted too, which `time` misses. A process started by
+multiprocessing's spawn (uvicorn's workers) counts as its parent's kind.
 
     python scripts/cpu_by_process.py -- make test
     python scripts/cpu_by_process.py --by-dir /tmp/pt -- pytest -n 4 --basetemp /tmp/pt
@@ -83,6 +84,11 @@ def folder(pid: str, root: Path | None) -> str | None:
     return f"in {parts[0]}" if parts else None
 
 
+def cmdline(pid: str) -> list[str]:
+    argv = Path("/proc", pid, "cmdline").read_bytes().decode(errors="replace")
+    return [a for a in argv.split("\0") if a]
+
+
 def sample(seen: dict, totals: dict, hz: int, root: Path | None = None) -> None:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -92,8 +98,9 @@ def sample(seen: dict, totals: dict, hz: int, root: Path | None = None) -> None:
             cpu = (int(stat[11]) + int(stat[12])) / hz
             key = (entry.name, stat[19])  # pid and start time: a reused pid is another process
             if key not in seen:
-                argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace")
-                name = folder(entry.name, root) or kind([a for a in argv.split("\0") if a])
+                name = folder(entry.name, root) or kind(cmdline(entry.name))
+                if name.endswith(" -c") and "spawn_main" in " ".join(cmdline(entry.name)):
+                    name = kind(cmdline(stat[1]))  # a multiprocessing child: its parent's kind
                 seen[key] = [name, 0.0]
         except (OSError, IndexError, ValueError):
             continue  # it ended between the listing and the read
