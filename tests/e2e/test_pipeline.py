@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import PER_EPOCH_METRICS, clean_env, set_params, sh
+from helpers import PER_EPOCH_METRICS, PIPELINE, clean_env, set_params, sh
 from helpers import PIPELINE_EPOCHS as EPOCHS
 
 
@@ -226,7 +226,7 @@ def test_a_model_too_large_for_memory_is_refused_before_any_allocation(repo):
     try:
         proc = sh(repo, sys.executable, "pipeline/train.py", check=False, timeout=120)
     finally:
-        set_params(repo, **{"model.hidden": [32]})
+        set_params(repo, **{"model.hidden": PIPELINE["model.hidden"]})  # the shared run's
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: params 'model.hidden' = [1048576, 1048576]")
