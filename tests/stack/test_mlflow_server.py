@@ -75,10 +75,7 @@ def two_runs(mlflow_server, new_project):
     """Two projects' `dvc repro`, at the same time, logging to the server: their repos."""
     url, _ = mlflow_server
     env = clean_env(MLFLOW_TRACKING_URI=url)
-    repos = [
-        new_project(f"repo{i}", **{"train.threads": 1, "model.latent_dim": d})
-        for i, d in enumerate((2, 4))
-    ]
+    repos = [new_project(f"repo{i}", **{"model.latent_dim": d}) for i, d in enumerate((2, 4))]
     procs = [
         subprocess.Popen(
             ["dvc", "repro"],

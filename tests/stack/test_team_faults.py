@@ -69,13 +69,11 @@ def test_tracking_server_stopped_mid_training_loses_no_training(stack, tmp_path)
         tmp_path / "repo",
         **{
             "train.epochs": epochs,
-            "train.threads": 1,
             "train.image_every": 50,
             "mlflow.experiment": "fault-server",
         },
     )
     env = clean_env(MLFLOW_TRACKING_URI=stack["uri"])
-    sh(repo, "dvc", "repro", "prepare", env=env)
     client = mlflow_client(stack)
     proc = subprocess.Popen(
         ["dvc", "repro", "train"], cwd=repo, env=env, text=True,
@@ -128,7 +126,6 @@ def test_postgres_restarted_under_a_two_worker_sweep_loses_no_run(stack, tmp_pat
         tmp_path / "repo",
         **{
             "train.epochs": epochs,
-            "train.threads": 1,
             "train.image_every": 0,  # no pictures: the database is what this is about
             "mlflow.experiment": "fault-postgres",
         },

@@ -40,7 +40,7 @@ def sha256(path) -> str:
 def test_two_machines_share_one_grid_its_runs_and_its_models(stack, tmp_path):
     origin = tmp_path / "origin.git"
     sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
-    machine = {"a": team_project(tmp_path / "a", stack, **{"train.threads": 1})}
+    machine = {"a": team_project(tmp_path / "a", stack)}
     sh(machine["a"], "git", "remote", "add", "origin", str(origin))
     sh(machine["a"], "git", "push", "-q", "origin", "HEAD:refs/heads/main")
     sh(tmp_path, "git", "clone", "-q", "--branch", "main", str(origin), str(tmp_path / "b"))
