@@ -41,14 +41,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # How `make test` spreads the tests over pytest-xdist workers (--dist loadscope, with the scopes
 # below): a module runs whole on one worker, in order, so its module fixtures are set up once;
-# the modules that read the shared tiny pipeline run share a worker, and so that one run; the
-# modules whose tests each start their own servers spread test by test.
+# the modules that read the shared tiny pipeline run share a worker, and so that one run. (The
+# team-stack modules too run whole: a worker sets up their stack once, and each test that stops
+# a part of it starts it again.)
 SHARED_PIPELINE_RUN = (
     "tests/e2e/test_pipeline.py",
     "tests/e2e/test_probe.py",
     "tests/e2e/test_resume.py",
 )
-TEST_BY_TEST = ("tests/stack/test_team_faults.py", "tests/stack/test_team_machines.py")
 # Longest first: a worker that takes a long scope late keeps the suite waiting alone at the
 # end. Seconds of each slow module under `make test` (pytest --durations=0, setup included);
 # any other module counts a second per test.
@@ -84,7 +84,7 @@ def scope_of(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0]
     if module in SHARED_PIPELINE_RUN:
         return "shared pipeline run"
-    return nodeid if module in TEST_BY_TEST else module
+    return module
 
 
 def pytest_collection_modifyitems(config, items):
@@ -94,10 +94,6 @@ def pytest_collection_modifyitems(config, items):
         scopes.setdefault(scope_of(item.nodeid), []).append(item)
 
     def seconds(scope: str) -> float:
-        module = scope.split("::", 1)[0]
-        if module in TEST_BY_TEST:
-            share = sum(1 for other in scopes if other.startswith(module + "::"))
-            return SECONDS.get(module, share) / share
         return SECONDS.get(scope, len(scopes[scope]))
 
     order = sorted(scopes, key=seconds, reverse=True)
