@@ -26,6 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_var, "1")
     os.environ.setdefault("VAEPIPE_ORT_THREADS", "1")
 
+import helpers  # noqa: E402
 import pytest  # noqa: E402
 import sandbox  # noqa: E402
 import torch  # noqa: E402
@@ -142,6 +143,14 @@ def tiny_decoder(tmp_path_factory) -> Path:
     vae = VAE(vae_cfg(image_shape=(1, 8, 8), latent_dim=TINY_LATENT, hidden=[16])).eval()
     out = tmp_path_factory.mktemp("onnx")
     return graphs.export_models(vae, out, opset=18, metadata={"dataset": "digits"})["decoder"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_prepared_template(tmp_path_factory):
+    """Under pytest-xdist, the workers of a run copy their projects' prepared data from one
+    template in the run's temp folder (helpers.make_project) rather than each building its own."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        helpers.SHARED_TEMPLATE = tmp_path_factory.getbasetemp().parent / "prepared-template"
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import functools
 import os
 import re
@@ -159,12 +160,30 @@ PREPARED_STAGED = ("dvc.lock", ".dvc/.gitignore", "data/.gitignore", "models/.gi
 PREPARED_FILES = ("data/prepared", "models/classifier.pt", "metrics/classifier.json", ".dvc/cache")
 
 
+# Where the prepared template lives when test processes share one: conftest points it into the
+# temp folder of a pytest-xdist run, which all its workers see and pytest cleans.
+SHARED_TEMPLATE: Path | None = None
+
+
 @functools.cache
 def _prepared_template() -> Path:
-    """A TINY project after `dvc repro classifier`, once per test process (removed at exit)."""
-    root = Path(tempfile.mkdtemp(prefix="vaepipe-prepared-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    repo = sandbox.copy_project(root / "project", TINY, "init")
+    """A TINY project after `dvc repro classifier`: built once per pytest-xdist run by the first
+    worker that needs it (the others wait on a lock), or once per process (removed at exit)."""
+    if SHARED_TEMPLATE is None:
+        root = Path(tempfile.mkdtemp(prefix="vaepipe-prepared-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        return _build_template(root / "project")
+    SHARED_TEMPLATE.parent.mkdir(parents=True, exist_ok=True)
+    with open(SHARED_TEMPLATE.with_name(SHARED_TEMPLATE.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not SHARED_TEMPLATE.is_dir():  # built aside, then renamed: whole or absent
+            building = _build_template(SHARED_TEMPLATE.with_name(f"building-{os.getpid()}"))
+            building.rename(SHARED_TEMPLATE)
+    return SHARED_TEMPLATE
+
+
+def _build_template(repo: Path) -> Path:
+    sandbox.copy_project(repo, TINY, "init")
     sh(repo, "dvc", "repro", "classifier")
     return repo
 

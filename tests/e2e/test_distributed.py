@@ -160,7 +160,6 @@ def test_a_signal_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_proce
 def test_pipeline_train_under_torchrun_logs_once_from_rank_0(tmp_path, launch, new_project):
     (tmp_path / "project").mkdir()
     repo = new_project("project", **{"train.threads": 1, "train.resume": False})
-    sh(repo, "dvc", "repro", "prepare")
     if launch == "torchrun by hand":
         torchrun(tmp_path, "pipeline/train.py", cwd=repo)
     else:  # the stage launches torchrun itself, and DVC tracks what it wrote
@@ -190,7 +189,6 @@ def test_a_mistake_found_by_every_process_is_one_line_and_the_stage_exits_2(tmp_
     is said once per machine, without torchrun's traceback banner."""
     (tmp_path / "project").mkdir()
     repo = new_project("project", **{"train.nproc": 2, "train.batch_size": 5000})
-    sh(repo, "dvc", "repro", "prepare")
     proc = sh(repo, "python", "pipeline/train.py", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out

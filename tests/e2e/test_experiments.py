@@ -75,7 +75,6 @@ def test_queued_sweep_with_two_workers_lands_every_run_and_marks_the_crashes(
 
 def test_unreachable_tracking_server_fails_fast_with_the_uri(tmp_path, new_project):
     repo = new_project("repo")
-    sh(repo, "dvc", "repro", "prepare")
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.time()
     proc = sh(
