@@ -73,7 +73,7 @@ def test_iwae_objective_with_cosine_lr_and_a_continuous_bernoulli_exp(tmp_path, 
             "train.lr_min": 1e-5,
         },
     )
-    sh(repo, "dvc", "repro")
+    sh(repo, "dvc", "repro", "train")  # the objective is training's alone; the exp runs all
     assert len(_history(repo, "iwae/val")) == 3
     assert _history(repo, "lr")[0] == pytest.approx(1e-3)
     train = _json(repo, "train.json")
