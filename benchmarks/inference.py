@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -31,6 +30,7 @@ import onnxruntime as ort
 import torch
 
 from vaepipe import config
+from vaepipe.device import device_name
 from vaepipe.evaluation import likelihood
 from vaepipe.export import graphs, variants
 from vaepipe.inference import runtime
@@ -201,18 +201,9 @@ def gpu_name() -> str:
 
 
 def machine(gpu: bool) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = (
-        f"CPU: {cpu}, {cores} cores usable; torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads), onnxruntime {ort.__version__} (intra-op threads: "
+        f"CPU: {device_name(torch.device('cpu'))} usable; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__} (intra-op threads: "
         f"{os.environ.get('VAEPIPE_ORT_THREADS') or 'one per core'})"
     )
     if gpu:
