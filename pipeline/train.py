@@ -10,7 +10,6 @@ import _venv  # noqa: F401  (first: run with the project's packages)
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from vaepipe import config, paths, tracking
@@ -28,9 +27,9 @@ def train(params: config.Params, group: distributed.Group, device) -> None:
     print(run.describe(job, threads))
     with run.open_run(job) as run_id:
         pictures = run.EpochPictures.of(job)
-        t0 = time.perf_counter()
-        history = run.fit_logged(job, run_id, pictures)
-        seconds = time.perf_counter() - t0
+        clock = run.TrainingClock(job.state)  # counts the seconds a resumed checkpoint carried
+        history = run.fit_logged(job, run_id, pictures, clock)
+        seconds = clock()
         run.write_outputs(job, history, run_id)
         tracking.log_metrics(
             {

@@ -33,6 +33,15 @@ def epoch_counts(repo: Path, run_id: str) -> dict[str, int]:
         return dict(rows.fetchall())
 
 
+def metric(repo: Path, run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric of a run."""
+    with sqlite3.connect(repo / "mlruns" / "mlflow.db") as db:
+        rows = db.execute(
+            "SELECT step, value FROM metrics WHERE run_uuid=? AND key=?", (run_id, key)
+        )
+        return dict(rows.fetchall())
+
+
 def digests(repo: Path, *paths: str) -> dict[str, str]:
     return {p: hashlib.sha256((repo / p).read_bytes()).hexdigest() for p in paths}
 
@@ -94,6 +103,9 @@ def test_killed_repro_resumes_to_the_same_weights_and_metrics(tmp_path, referenc
     state = torch.load(repo / CHECKPOINT, weights_only=True)
     assert 1 <= state["epoch"] < PARAMS["train.epochs"] and state["run_id"] == run_id
     assert not (repo / "models/vae.pt").exists()
+    # The checkpoint carries the training seconds so far: at least its finished epochs' own.
+    before = metric(repo, run_id, "epoch_seconds")
+    assert state["train_seconds"] >= sum(before.values()) > 0
     prepared = digests(repo, *(f"data/prepared/{s}.npz" for s in ("train", "val", "test")))
 
     second = sh(repo, "dvc", "repro")
@@ -106,6 +118,11 @@ def test_killed_repro_resumes_to_the_same_weights_and_metrics(tmp_path, referenc
     assert runs(repo) == [(run_id, "FINISHED")]
     counts = epoch_counts(repo, run_id)
     assert counts["elbo/train"] == counts["elbo/val"] == PARAMS["train.epochs"]
+    # train_seconds is the whole training: the seconds carried, then the resumed epochs'.
+    after = metric(repo, run_id, "epoch_seconds")
+    resumed = sum(v for epoch, v in after.items() if epoch > state["epoch"])
+    (train_seconds,) = metric(repo, run_id, "train_seconds").values()
+    assert train_seconds >= state["train_seconds"] + resumed
 
     # Bit-for-bit the uninterrupted run: final weights, training and test figures.
     ref_w, got_w = weights(reference), weights(repo)

@@ -136,18 +136,48 @@ def open_run(job: Job) -> Iterator[str]:
         yield distributed.broadcast_object(run.info.run_id, group)
 
 
-def saver(job: Job, run_id: str):
-    """on_checkpoint: the loop state, with what a resume checks and the run it continues."""
+class TrainingClock:
+    """Seconds of training across resumes: those the resumed checkpoint carried plus this
+    process's since the clock was made. Every checkpoint stores it, so a run stopped and
+    continued logs its whole training time as train_seconds, not only its last part."""
+
+    def __init__(self, state: dict | None):
+        self.before = carried_seconds(state)
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+
+def carried_seconds(state: dict | None) -> float:
+    if not state:
+        return 0.0
+    if "train_seconds" in state:
+        return float(state["train_seconds"])
+    return sum(h["seconds"] for h in state["history"])  # a checkpoint without it: its epochs
+
+
+def saver(job: Job, run_id: str, clock: TrainingClock):
+    """on_checkpoint: the loop state, with what a resume checks, the run it continues and
+    the training seconds so far."""
 
     def on_checkpoint(loop_state: dict) -> None:
         checkpoint.save_state(
-            paths.CHECKPOINT, {**loop_state, "fingerprint": job.fingerprint, "run_id": run_id}
+            paths.CHECKPOINT,
+            {
+                **loop_state,
+                "fingerprint": job.fingerprint,
+                "run_id": run_id,
+                "train_seconds": clock(),
+            },
         )
 
     return on_checkpoint
 
 
-def fit_logged(job: Job, run_id: str, pictures: EpochPictures) -> list[EpochStats]:
+def fit_logged(
+    job: Job, run_id: str, pictures: EpochPictures, clock: TrainingClock
+) -> list[EpochStats]:
     """fit with each epoch logged (metrics, pictures) and checkpointed; the history. A store
     that goes away, or a loss that diverges, ends the stage with one line saying what is kept."""
 
@@ -159,7 +189,7 @@ def fit_logged(job: Job, run_id: str, pictures: EpochPictures) -> list[EpochStat
         if report:
             report(stats.epoch, stats.val)
 
-    save, saved = saver(job, run_id), {"epoch": job.state["epoch"] if job.state else 0}
+    save, saved = saver(job, run_id, clock), {"epoch": job.state["epoch"] if job.state else 0}
     if not job.state:
         pictures(0)  # the untrained model: the image view's first step
 
@@ -192,7 +222,7 @@ def follow(job: Job) -> None:
     also writes that machine's checkpoint and outputs (the lead logs to MLflow)."""
     group = job.group
     run_id = distributed.broadcast_object(None, group)  # once the lead has opened the run
-    save = saver(job, run_id) if group.writes_node_outputs else None
+    save = saver(job, run_id, TrainingClock(job.state)) if group.writes_node_outputs else None
     history = job.fit(on_checkpoint=save, progress=False)
     if group.writes_node_outputs:
         write_outputs(job, history, run_id)
