@@ -53,6 +53,8 @@ def store(tmp_path):
         ("cell-failed", vamp, PROTOCOL, 225.0, "FAILED", "cpu", 90000),
         ("cpu-30min", {"model.hidden": "[640, 320]"}, PROTOCOL, 227.80, "FINISHED", "cpu", 1700),
         ("cpu-slow", {"model.hidden": "[640, 320]"}, PROTOCOL, 227.0, "FINISHED", "cpu", 1900),
+        # resumed with a train_seconds of its last part only: its 80 epochs of 30 s count
+        ("cpu-resumed", {"model.hidden": "[640, 320]"}, PROTOCOL, 226.9, "FINISHED", "cpu", 600),
         ("gpu-hour", {"model.arch": "convhvae"}, PROTOCOL, 224.5, "FINISHED", "cuda:0", 3000),
     ]
     for name, params, protocol, nll, status, device, seconds in runs:
@@ -67,6 +69,10 @@ def store(tmp_path):
         metrics.update(train_seconds=seconds, best_epoch=79, evaluate_seconds=1930)
         for k, v in metrics.items():
             client.log_metric(run_id, k, v)
+        for epoch in range(1, 81):
+            client.log_metric(
+                run_id, "epoch_seconds", 30 if name == "cpu-resumed" else 10, step=epoch
+            )
         client.set_terminated(run_id, status)
     return uri
 
@@ -93,7 +99,7 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     proc = vaepipe(uri, tmp_path, "page", "--out", "docs/literature.md")
     assert proc.returncode == 0, proc.stderr
-    assert "6 runs, 5 on the protocol -> docs/literature.md" in proc.stdout
+    assert "7 runs, 6 on the protocol -> docs/literature.md" in proc.stdout
     text = (tmp_path / "docs/literature.md").read_text()
     vamp = _row(text, "| VAE, one stochastic layer (MLP) | VampPrior |")
     # the k=500 run (lower) and the failed one (lower still) do not count
@@ -101,7 +107,9 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
     assert "| 80 (79) | 1500.0 min | 32.2 min | cpu |" in vamp
     assert "not run" in _row(text, "| ConvHVAE | Gaussian |")
     cpu = _row(text, "| 30 minutes of training on a CPU |")
-    assert "227.80 ± 0.31" in cpu and "`model.hidden=[640, 320]`" in cpu  # not the 1,900 s run
+    assert "227.80 ± 0.31" in cpu and "`model.hidden=[640, 320]`" in cpu
+    # not the 1,900 s run, nor the resumed one whose train_seconds (600) is below its epochs'
+    assert "226.90" not in text
     gpu = _row(text, "| 1 hour of training on one GPU |")
     assert "224.50 ± 0.31" in gpu and "`model.arch=convhvae`" in gpu and "| NVIDIA H200 |" in gpu
     assert not list((tmp_path / "docs").glob("*.tmp"))
