@@ -73,6 +73,10 @@ def store(tmp_path):
             client.log_metric(
                 run_id, "epoch_seconds", 30 if name == "cpu-resumed" else 10, step=epoch
             )
+        if name == "cell":  # a description written in mlflow ui, on two lines
+            client.set_tag(run_id, "mlflow.note.content", "Trained on a shared\nmachine.")
+        if name == "cell-failed":  # not on the page: its note is not either
+            client.set_tag(run_id, "mlflow.note.content", "Diverged.")
         client.set_terminated(run_id, status)
     return uri
 
@@ -110,6 +114,10 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
     assert "227.80 ± 0.31" in cpu and "`model.hidden=[640, 320]`" in cpu
     # not the 1,900 s run, nor the resumed one whose train_seconds (600) is below its epochs'
     assert "226.90" not in text
+    # the description of a run on the page, on one line; none of a run not shown
+    (cell_id,) = [line.split("`")[1] for line in text.splitlines() if "(cell)" in line]
+    assert f"- `{cell_id}` (cell): Trained on a shared machine." in text
+    assert cell_id in vamp and "Diverged" not in text
     gpu = _row(text, "| 1 hour of training on one GPU |")
     assert "224.50 ± 0.31" in gpu and "`model.arch=convhvae`" in gpu and "| NVIDIA H200 |" in gpu
     assert not list((tmp_path / "docs").glob("*.tmp"))

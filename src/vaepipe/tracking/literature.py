@@ -213,7 +213,7 @@ reruns only the evaluate stage).
 """
 
 
-def _cell_rows(runs: list) -> list[str]:
+def _cell_rows(runs: list, shown: list) -> list[str]:
     rows = [
         "| model | prior | published | ours | ours − published | configuration | run | "
         "epochs (best) | training | evaluation | device |",
@@ -226,6 +226,7 @@ def _cell_rows(runs: list) -> list[str]:
             rows.append(f"| {c.model} | {c.prior} | {paper} | not run | | `{c.name}` | | | | | |")
             continue
         gap = r.metrics["test/nll_iwae"] - c.published[0]
+        shown.append(r)
         rows.append(
             f"| {c.model} | {c.prior} | {paper} | {_nll(r)} | {gap:+.2f} | `{c.name}` | "
             f"`{r.run_id[:8]}` | {_trained(r)} |"
@@ -233,7 +234,7 @@ def _cell_rows(runs: list) -> list[str]:
     return rows
 
 
-def _budget_rows(runs: list, defaults: dict[str, object]) -> list[str]:
+def _budget_rows(runs: list, defaults: dict[str, object], shown: list) -> list[str]:
     rows = [
         "| budget | ours | run | epochs (best) | training | evaluation | device | params beyond "
         "params.yaml |",
@@ -250,11 +251,29 @@ def _budget_rows(runs: list, defaults: dict[str, object]) -> list[str]:
         if r is None:
             rows.append(f"| {title} | no run yet | | | | | | |")
         else:
+            shown.append(r)
             rows.append(
                 f"| {title} | {_nll(r)} | `{r.run_id[:8]}` | {_trained(r)} | "
                 f"{_differences(r, defaults)} |"
             )
     return rows
+
+
+NOTE_TAG = "mlflow.note.content"  # a run's description, as `mlflow ui` edits it
+
+
+def _notes(shown: list) -> list[str]:
+    """The descriptions of the runs on the page (what a reader should know about a run, such as
+    a machine shared with other work), one line each."""
+    notes, seen = [], set()
+    for r in shown:
+        text = " ".join(r.tags.get(NOTE_TAG, "").split())
+        if text and r.run_id not in seen:
+            seen.add(r.run_id)
+            notes.append(f"- `{r.run_id[:8]}` ({r.name}): {text}")
+    if not notes:
+        return []
+    return ["## Notes on these runs", "", "Each run's MLflow description.", "", *notes, ""]
 
 
 def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
@@ -263,6 +282,8 @@ def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
     exemplar = ", ".join(
         f"{title.split(',')[0]} {PUBLISHED[key, 'exemplar'][0]:.2f}" for key, title, _ in MODELS
     )
+    shown: list = []  # the runs on the page, in order
+    cells, budgets = _cell_rows(runs, shown), _budget_rows(runs, defaults, shown)
     lines = [
         "# Results beside the literature",
         "",
@@ -273,14 +294,15 @@ def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
         "",
         "## The published table",
         "",
-        *_cell_rows(runs),
+        *cells,
         "",
         f"The published Exemplar prior column ({exemplar}) has no configuration here.",
         "",
         "## Beyond the table",
         "",
-        *_budget_rows(runs, defaults),
+        *budgets,
         "",
+        *_notes(shown),
         REPRODUCE,
     ]
     return "\n".join(lines)
