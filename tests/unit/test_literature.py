@@ -75,6 +75,8 @@ def store(tmp_path):
             )
         if name == "cell":  # a description written in mlflow ui, on two lines
             client.set_tag(run_id, "mlflow.note.content", "Trained on a shared\nmachine.")
+        if name == "gpu-hour":  # a long one is cut
+            client.set_tag(run_id, "mlflow.note.content", "long " * 1000)
         if name == "cell-failed":  # not on the page: its note is not either
             client.set_tag(run_id, "mlflow.note.content", "Diverged.")
         client.set_terminated(run_id, status)
@@ -118,6 +120,8 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
     (cell_id,) = [line.split("`")[1] for line in text.splitlines() if "(cell)" in line]
     assert f"- `{cell_id}` (cell): Trained on a shared machine." in text
     assert cell_id in vamp and "Diverged" not in text
+    (long,) = [line for line in text.splitlines() if "(gpu-hour)" in line]
+    assert long.endswith("long…") and len(long) < 700
     gpu = _row(text, "| 1 hour of training on one GPU |")
     assert "224.50 ± 0.31" in gpu and "`model.arch=convhvae`" in gpu and "| NVIDIA H200 |" in gpu
     assert not list((tmp_path / "docs").glob("*.tmp"))

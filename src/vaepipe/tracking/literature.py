@@ -260,6 +260,7 @@ def _budget_rows(runs: list, defaults: dict[str, object], shown: list) -> list[s
 
 
 NOTE_TAG = "mlflow.note.content"  # a run's description, as `mlflow ui` edits it
+NOTE_CHARS = 600  # a longer description is cut there (the whole stays in MLflow)
 
 
 def _notes(shown: list) -> list[str]:
@@ -268,6 +269,8 @@ def _notes(shown: list) -> list[str]:
     notes, seen = [], set()
     for r in shown:
         text = " ".join(r.tags.get(NOTE_TAG, "").split())
+        if len(text) > NOTE_CHARS:
+            text = text[: NOTE_CHARS - 1].rstrip() + "…"
         if text and r.run_id not in seen:
             seen.add(r.run_id)
             notes.append(f"- `{r.run_id[:8]}` ({r.name}): {text}")
