@@ -337,3 +337,26 @@ def test_activation_is_every_hidden_layers_and_exports_with_parity(arch, act, tm
     d = vae.cfg.to_dict()
     del d["activation"]
     assert VAE(VAEConfig.from_dict(d)).cfg.activation == "relu"
+
+
+def test_a_held_vamp_prior_encodes_its_pseudo_inputs_once_and_estimates_the_same():
+    vae = _model(prior="vamp", prior_components=5)
+    x = torch.bernoulli(torch.full((6, 1, 8, 8), 0.3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # in chunks of one image: the prior is called six times, its components held
+        held = likelihood.iwae_log_likelihood(vae, x, 50, seed=0, rows_per_chunk=50)
+        per_call = torch.cat(
+            [likelihood.iwae_estimate(vae, x[i : i + 1], n) for i, n in enumerate(_noise(6))]
+        )
+        mu, _ = vae.prior.components()
+        with vae.prior.held():
+            vae.prior.raw.add_(1.0)  # new pseudo-inputs: held components do not see them
+            assert torch.equal(vae.prior.components()[0], mu)
+        assert not torch.equal(vae.prior.components()[0], mu)  # released: encoded again
+    torch.testing.assert_close(held, per_call, rtol=0, atol=1e-4)
+
+
+def _noise(n: int) -> list[torch.Tensor]:
+    """iwae_log_likelihood's per-chunk draws for k = 50, one image per chunk, seed 0."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn((50, 1, 3), generator=gen) for _ in range(n)]

@@ -7,6 +7,7 @@ posterior-collapse figures are in collapse.py, the latent-quality scores in late
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -98,9 +99,10 @@ def _in_chunks(vae: VAE, x, k: int, noise, *, y, rows_per_chunk: int | None) -> 
     rows = rows_per_chunk or IWAE_ROWS_PER_CHUNK.get(x.device.type, IWAE_ROWS_PER_CHUNK["cpu"])
     chunk = max(1, rows // k)
     out = torch.empty(len(x), device=x.device)
-    for i in range(0, len(x), chunk):
-        xb = x[i : i + chunk]
-        out[i : i + chunk] = iwae_estimate(vae, xb, noise(len(xb)), _rows(y, i, chunk))
+    with getattr(vae.prior, "held", contextlib.nullcontext)():  # a VampPrior's, encoded once
+        for i in range(0, len(x), chunk):
+            xb = x[i : i + chunk]
+            out[i : i + chunk] = iwae_estimate(vae, xb, noise(len(xb)), _rows(y, i, chunk))
     return out
 
 

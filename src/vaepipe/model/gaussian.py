@@ -42,17 +42,20 @@ def mixture_log_prob(
     """log sum_k w_k N(z; mu_k, var_k) for z [..., D], components [K, D], log w [K]: [...], in
     z's dtype.
 
-    The quadratic form sum_d (z_d - mu_kd)^2 / var_kd is expanded into two matrix products,
-    z^2 @ (1/var)^T - 2 z @ (mu/var)^T + sum_d mu^2/var, so no [..., K, D] tensor is made (that
-    broadcast cost as much as the rest of a VampPrior IWAE step). The terms reach thousands
-    where a posterior's variance is small, and cancel: they are summed in float64. The
-    mixture's log-sum-exp is shifted by the max by hand (not torch.logsumexp): ONNX's
-    ReduceLogSumExp underflows. For many z (the aggregate posterior of 10,000 test images)
-    the caller splits z into chunks: the [chunk, K] block stays small."""
-    zd, md = z.double(), mu.double()
-    prec = torch.exp(-logvar.double())  # [K, D]
-    quad = (zd * zd) @ prec.T - 2 * (zd @ (md * prec).T) + (md * md * prec).sum(-1)  # [..., K]
-    norm = logvar.double().sum(-1) + z.shape[-1] * LOG_2PI  # [K]
-    comp = (-0.5 * (quad.clamp(min=0) + norm)).to(z.dtype) + log_weights  # [..., K]
+    The quadratic form sum_d (z_d - mu_kd)^2 / var_kd and the normalizer are one matrix product,
+    [z^2, z, 1] @ [1/var, -2 mu/var, sum_d mu^2/var + log|2 pi var|]^T, so no [..., K, D] tensor
+    is made (that broadcast cost as much as the rest of a VampPrior IWAE step) and few passes go
+    over the [..., K] block (each a large part of a VampPrior's IWAE estimate). The terms reach
+    thousands where a posterior's variance is small, and cancel: they are summed in float64.
+    The mixture's log-sum-exp is shifted by the max by hand (not torch.logsumexp): ONNX's
+    ReduceLogSumExp underflows. For many z (the aggregate posterior of 10,000 test images) the
+    caller splits z into chunks: the [chunk, K] block stays small."""
+    zd, md, lv = z.double(), mu.double(), logvar.double()
+    prec = torch.exp(-lv)  # [K, D]
+    norm = lv.sum(-1) + z.shape[-1] * LOG_2PI  # [K]
+    lhs = torch.cat([zd * zd, zd, torch.ones_like(zd[..., :1])], -1)  # [..., 2D + 1]
+    rhs = torch.cat([prec, -2 * md * prec, ((md * md * prec).sum(-1) + norm)[:, None]], -1)
+    quad_norm = torch.maximum(lhs @ rhs.T, norm)  # [..., K]; the quadratic form is >= 0
+    comp = torch.add(log_weights.double(), quad_norm, alpha=-0.5).to(z.dtype)
     top = comp.max(dim=-1, keepdim=True).values.detach()
     return (top + torch.log(torch.exp(comp - top).sum(-1, keepdim=True))).squeeze(-1)

@@ -11,7 +11,9 @@ against, as a single-sample estimate log q(z|x) - log p(z) (no closed form).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -74,6 +76,7 @@ class VampPrior(nn.Module):
         self.raw = nn.Parameter(0.01 * torch.randn(components, *image_shape))
         self._encode = [encode]  # a list: not registered as a submodule (no double weights)
         self.register_buffer("log_w", torch.full((components,), -math.log(components)))
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # see held()
 
     def init_from(self, images: torch.Tensor) -> None:
         """Start the pseudo-inputs at K training images (Tomczak & Welling's better start)."""
@@ -82,7 +85,19 @@ class VampPrior(nn.Module):
             self.raw[: len(p)] = torch.log(p) - torch.log1p(-p)
 
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._held is not None:
+            return self._held
         return self._encode[0](torch.sigmoid(self.raw))  # ([K, D], [K, D])
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Within it the components are encoded once, not at every call: for a model that does
+        not change meanwhile (the IWAE estimate calls the prior for every chunk of samples)."""
+        self._held = self.components()
+        try:
+            yield
+        finally:
+            self._held = None
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         mu, logvar = self.components()
