@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vaepipe.errors import VaepipeError
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where the OS tells (Linux /proc)."""
@@ -47,6 +49,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_path(path: str | Path) -> Iterator[Path]:
+    """atomic_path for a file the user named (--out, --plot): a write that fails (no such
+    folder, a folder of that name, no permission, a full disk) is one error naming the path,
+    and leaves no temp file."""
+    path = Path(path)
+    if path.is_dir():
+        raise VaepipeError(f"cannot write {path}: it is a folder; name a file in it")
+    if path.exists() and not path.is_file():  # a device, a pipe: a rename would replace it
+        raise VaepipeError(f"cannot write {path}: it is not a regular file")
+    existing = next((d for d in path.parents if d.exists()), None)  # the folders are made
+    if existing is not None and not existing.is_dir():
+        raise VaepipeError(f"cannot write {path}: {existing} is not a folder")
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise VaepipeError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from vaepipe import limits
-from vaepipe.errors import DataError, VaepipeError
-from vaepipe.fileio import atomic_path
+from vaepipe.errors import DataError
+from vaepipe.fileio import output_path
 
 
 def grid(x: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
@@ -55,15 +55,12 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def write_file(path: Path, data: bytes | dict[str, np.ndarray]) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            if isinstance(data, bytes):
-                tmp.write_bytes(data)
-            else:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **data)
-    except OSError as e:
-        raise VaepipeError(f"cannot write {path}: {e.strerror or e}") from None
+    with output_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            with open(tmp, "wb") as f:
+                np.savez(f, **data)
 
 
 GRID_PAD = 2

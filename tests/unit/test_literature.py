@@ -129,7 +129,14 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
 
 def test_bad_inputs_are_one_line(store, tmp_path):
     uri = store
+    (tmp_path / "a-file").write_text("kept")
     for args, message in [
+        (("page", "--out", str(tmp_path)), "it is a folder"),
+        (("page", "--out", "/dev/null"), "cannot write /dev/null: it is not a regular file"),
+        (
+            ("page", "--out", str(tmp_path / "a-file" / "p.md")),
+            "a-file/p.md: " + str(tmp_path / "a-file") + " is not a folder",
+        ),
         (("run", "vae-flow"), "no configuration 'vae-flow'; choose one of: protocol, vae-"),
         (("page", "--experiment", "nope"), "no experiment 'nope'"),
         (("run", "protocol"), "dvc exp run exited with"),  # not a DVC project
@@ -138,3 +145,5 @@ def test_bad_inputs_are_one_line(store, tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "docs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mlflow.db"]  # no temp file
+    assert (tmp_path / "a-file").read_text() == "kept" and Path("/dev/null").is_char_device()

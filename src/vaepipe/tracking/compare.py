@@ -205,7 +205,7 @@ def comparison_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vaepipe.fileio import atomic_path
+    from vaepipe.fileio import output_path
 
     done = [r for r in runs if r.status == "FINISHED" and x in r.params]
     if not done:
@@ -232,7 +232,7 @@ def comparison_plot(
             ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with output_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaepipe.errors import VaepipeError
-from vaepipe.fileio import atomic_path
+from vaepipe.fileio import output_path
 
 # The published evaluation: k = 5,000, every test image, the test set binarized once (the
 # draw of evaluate.seed). evaluate records k, n and the draw in the run's protocol tag.
@@ -365,7 +365,7 @@ def cmd_page(args) -> str:
     whole_training(runs)
     defaults = config.flatten(config.load(paths.PARAMS)) if paths.PARAMS.is_file() else {}
     text = page(runs, defaults, args.experiment)
-    with atomic_path(args.out) as tmp:
+    with output_path(args.out) as tmp:
         tmp.write_text(text)
     found = sum(1 for r in runs if on_protocol(r.protocol))
     return f"{len(runs)} runs, {found} on the protocol -> {args.out}"
