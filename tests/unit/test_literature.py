@@ -47,10 +47,15 @@ def store(tmp_path):
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("vaepipe", artifact_location=(tmp_path / "a").as_uri())
     vamp = {k: literature.param_text(v) for k, v in literature.cell("vae-vamp").params.items()}
+    hvae = {
+        k: literature.param_text(v) for k, v in literature.cell("hvae-standard").params.items()
+    }
     runs = [  # name, params, protocol, nll, status, device, train seconds
         ("cell", vamp, PROTOCOL, 227.10, "FINISHED", "cpu", 90000),
         ("cell-k500", vamp, PROTOCOL.replace("k=5000", "k=500"), 226.0, "FINISHED", "cpu", 9e4),
         ("cell-failed", vamp, PROTOCOL, 225.0, "FAILED", "cpu", 90000),
+        ("hvae-training", hvae, None, None, "RUNNING", "cpu", None),
+        ("hvae-shorter", hvae, None, None, "KILLED", "cpu", None),
         ("cpu-30min", {"model.hidden": "[640, 320]"}, PROTOCOL, 227.80, "FINISHED", "cpu", 1700),
         ("cpu-slow", {"model.hidden": "[640, 320]"}, PROTOCOL, 227.0, "FINISHED", "cpu", 1900),
         # resumed with a train_seconds of its last part only: its 80 epochs of 30 s count
@@ -61,25 +66,30 @@ def store(tmp_path):
         run_id = client.create_run(exp, run_name=name).info.run_id
         for k, v in params.items():
             client.log_param(run_id, k, v)
-        client.set_tag(run_id, "test.nll_protocol", protocol)
+        if protocol:
+            client.set_tag(run_id, "test.nll_protocol", protocol)
         client.set_tag(run_id, "device", device)
         if device.startswith("cuda"):
             client.set_tag(run_id, "device_name", "NVIDIA H200")
-        metrics = {"test/nll_iwae": nll, "test/nll_iwae_stderr": 0.31, "epochs_run": 80}
-        metrics.update(train_seconds=seconds, best_epoch=79, evaluate_seconds=1930)
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, v)
-        for epoch in range(1, 81):
-            client.log_metric(
-                run_id, "epoch_seconds", 30 if name == "cpu-resumed" else 10, step=epoch
-            )
+        epochs, per_epoch = 80, 30 if name == "cpu-resumed" else 10
+        if nll is None:  # training or stopped: per-epoch figures only
+            epochs, per_epoch = (120, 9) if name == "hvae-training" else (50, 9)
+            client.log_metric(run_id, "best_epoch", epochs - 3, step=epochs)
+        else:
+            metrics = {"test/nll_iwae": nll, "test/nll_iwae_stderr": 0.31, "epochs_run": 80}
+            metrics.update(train_seconds=seconds, best_epoch=79, evaluate_seconds=1930)
+            for k, v in metrics.items():
+                client.log_metric(run_id, k, v)
+        for epoch in range(1, epochs + 1):
+            client.log_metric(run_id, "epoch_seconds", per_epoch, step=epoch)
         if name == "cell":  # a description written in mlflow ui, on two lines
             client.set_tag(run_id, "mlflow.note.content", "Trained on a shared\nmachine.")
         if name == "gpu-hour":  # a long one is cut
             client.set_tag(run_id, "mlflow.note.content", "long " * 1000)
         if name == "cell-failed":  # not on the page: its note is not either
             client.set_tag(run_id, "mlflow.note.content", "Diverged.")
-        client.set_terminated(run_id, status)
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
     return uri
 
 
@@ -105,13 +115,17 @@ def test_the_page_counts_finished_protocol_runs_of_each_cell_and_budget(store, t
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     proc = vaepipe(uri, tmp_path, "page", "--out", "docs/literature.md")
     assert proc.returncode == 0, proc.stderr
-    assert "7 runs, 6 on the protocol -> docs/literature.md" in proc.stdout
+    assert "9 runs, 6 on the protocol -> docs/literature.md" in proc.stdout
     text = (tmp_path / "docs/literature.md").read_text()
     vamp = _row(text, "| VAE, one stochastic layer (MLP) | VampPrior |")
     # the k=500 run (lower) and the failed one (lower still) do not count
     assert "| 227.35 ± 0.05 | 227.10 ± 0.31 | -0.25 | `vae-vamp` |" in vamp
     assert "| 80 (79) | 1500.0 min | 32.2 min | cpu |" in vamp
     assert "not run" in _row(text, "| ConvHVAE | Gaussian |")
+    # a cell with runs but none finished on the protocol: the one that went furthest
+    hvae = _row(text, "| HVAE, two stochastic layers | Gaussian |")
+    assert "| 227.37 ± 0.10 | not finished (MLflow: RUNNING) | | `hvae-standard` |" in hvae
+    assert "| 120 (117) | 18.0 min | | cpu |" in hvae
     cpu = _row(text, "| 30 minutes of training on a CPU |")
     assert "227.80 ± 0.31" in cpu and "`model.hidden=[640, 320]`" in cpu
     # not the 1,900 s run, nor the resumed one whose train_seconds (600) is below its epochs'

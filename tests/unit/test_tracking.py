@@ -109,6 +109,8 @@ def test_a_run_whose_process_was_killed_outright_is_closed_by_the_next_one(tmp_p
 
     import mlflow
 
+    from vaepipe.tracking import runs
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
@@ -131,6 +133,19 @@ def test_a_run_whose_process_was_killed_outright_is_closed_by_the_next_one(tmp_p
         assert done.info.status == "KILLED"
         assert f"pid {killed.pid}" in done.data.tags["error"]
         assert client.get_run(living_run).info.status == "RUNNING"  # its process is alive
+        # Resumed (train reopens the run of its checkpoint): this process's pid is on it, and
+        # once it ends well no reason for a closing is left, even one another stage wrote
+        # after the reopen (the reopen here sees none)
+        client.delete_tag(killed_run, "error")
+        with tracking.run("vaepipe", run_id=killed_run):
+            running = client.get_run(killed_run)
+            assert running.info.status == "RUNNING"
+            assert running.data.tags["vaepipe.pid"] == str(os.getpid())
+            # another stage starting here looks for runs left open: not this one
+            assert killed_run not in runs.close_abandoned(running.info.experiment_id)
+            client.set_tag(killed_run, "error", "written by another stage meanwhile")
+        done = client.get_run(killed_run)
+        assert done.info.status == "FINISHED" and "error" not in done.data.tags
     finally:
         living.kill()
         living.wait(timeout=30)

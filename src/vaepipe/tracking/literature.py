@@ -166,16 +166,20 @@ def _nll(r) -> str:
     return f"{r.metrics['test/nll_iwae']:.2f} ± {r.metrics.get('test/nll_iwae_stderr', 0):.2f}"
 
 
-def _trained(r) -> str:
-    """epochs (best) | training | evaluation | device columns of a run."""
+def _columns(r) -> list[str]:
+    """The epochs (best), training, evaluation and device columns of a run."""
 
     def minutes(key: str) -> str:
         return f"{r.metrics[key] / 60:.1f} min" if key in r.metrics else "?"
 
-    epochs = f"{r.metrics.get('epochs_run', 0):.0f} ({r.metrics.get('best_epoch', 0):.0f})"
-    times = f"{minutes('train_seconds')} | {minutes('evaluate_seconds')}"
+    run = r.metrics.get("epochs_run", r.metrics.get("epochs_logged", 0))
+    epochs = f"{run:.0f} ({r.metrics.get('best_epoch', 0):.0f})"
     where = r.tags.get("device_name") or r.tags.get("device", "?")
-    return f"{epochs} | {times} | {where}"
+    return [epochs, minutes("train_seconds"), minutes("evaluate_seconds"), where]
+
+
+def _trained(r) -> str:
+    return " | ".join(_columns(r))
 
 
 def _differences(r, defaults: dict[str, object]) -> str:
@@ -223,7 +227,7 @@ def _cell_rows(runs: list, shown: list) -> list[str]:
         r = best(runs, lambda run, c=c: matches(run.params, c))
         paper = f"{c.published[0]:.2f} ± {c.published[1]:.2f}"
         if r is None:
-            rows.append(f"| {c.model} | {c.prior} | {paper} | not run | | `{c.name}` | | | | | |")
+            rows.append(_unfinished_row(c, paper, runs, shown))
             continue
         gap = r.metrics["test/nll_iwae"] - c.published[0]
         shown.append(r)
@@ -232,6 +236,30 @@ def _cell_rows(runs: list, shown: list) -> list[str]:
             f"`{r.run_id[:8]}` | {_trained(r)} |"
         )
     return rows
+
+
+def unfinished(runs: list, c: Cell):
+    """The run of a cell that went furthest without a finished protocol evaluation (training,
+    stopped, or trained but not evaluated on the protocol), or None."""
+    mine = [r for r in runs if matches(r.params, c)]
+    return max(mine, key=lambda r: r.metrics.get("epochs_logged", 0), default=None)
+
+
+def _unfinished_row(c: Cell, paper: str, runs: list, shown: list) -> str:
+    r = unfinished(runs, c)
+    if r is None:
+        return f"| {c.model} | {c.prior} | {paper} | not run | | `{c.name}` | | | | | |"
+    shown.append(r)
+    state = (
+        "trained, not evaluated on the protocol"
+        if r.status == "FINISHED"
+        else f"not finished (MLflow: {r.status})"
+    )
+    epochs, training, _, where = _columns(r)
+    return (
+        f"| {c.model} | {c.prior} | {paper} | {state} | | `{c.name}` | `{r.run_id[:8]}` | "
+        f"{epochs} | {training} | | {where} |"
+    )
 
 
 def _budget_rows(runs: list, defaults: dict[str, object], shown: list) -> list[str]:
@@ -339,21 +367,25 @@ def cmd_run(args) -> int | str:
 
 
 def whole_training(runs: list) -> None:
-    """Raise each finished protocol run's train_seconds to the sum of its epochs' own seconds
-    where it is lower: a checkpoint without the seconds it carried (written before they were
-    kept) left a resumed run with only its last part. Budgets then count the whole training."""
+    """From each run's `epoch_seconds` history, for the runs the page may show (a finished
+    protocol run, or any run of a cell): `epochs_logged`, and train_seconds raised to the sum
+    of its epochs' own seconds where it is lower (a checkpoint without the seconds it carried,
+    written before they were kept, left a resumed run with only its last part; an unfinished
+    run has none). Budgets then count the whole training."""
     import mlflow
 
     from vaepipe import tracking
 
     client = mlflow.MlflowClient()
     for r in runs:
-        if r.status != "FINISHED" or not on_protocol(r.protocol):
+        protocol_run = r.status == "FINISHED" and on_protocol(r.protocol)
+        if not protocol_run and not any(matches(r.params, c) for c in CELLS):
             continue
         history = tracking.call(
             lambda r=r: client.get_metric_history(r.run_id, "epoch_seconds"), "reading metrics"
         )
         epochs = {m.step: m.value for m in history}  # a step logged twice counts once
+        r.metrics["epochs_logged"] = max(epochs, default=0)
         r.metrics["train_seconds"] = max(r.metrics.get("train_seconds", 0.0), sum(epochs.values()))
 
 

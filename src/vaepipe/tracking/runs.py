@@ -93,6 +93,11 @@ def close_abandoned(exp_id: str, keep: str | None = None) -> list[str]:
         pid = r.data.tags.get(PID_TAG, "")
         if r.info.run_id == keep or not pid.isdigit() or process_alive(int(pid)):
             continue
+        # read again just before closing: a stage beside this one (dvc queue -j 2) may have
+        # reopened it since the search, with its own pid
+        now = call(lambda: client.get_run(r.info.run_id), "reading a run left open")  # noqa: B023
+        if now.info.status != "RUNNING" or now.data.tags.get(PID_TAG) != pid:
+            continue
         why = (
             f"its process (pid {pid} on {host}) ended without closing it (killed outright); "
             "closed by a later stage"
@@ -118,8 +123,13 @@ def _start(experiment, run_id, run_name, tags, system_metrics):
     close_abandoned(exp_id, keep=run_id)
     tags = {**(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if run_id is not None:
-        found = call(lambda: mlflow.MlflowClient().get_run(run_id), f"reading run {run_id}")
+        client = mlflow.MlflowClient()
+        found = call(lambda: client.get_run(run_id), f"reading run {run_id}")
         check_own_artifacts(found.info.artifact_uri, f"run {run_id}")
+        # this process's host and pid before the run is RUNNING again: a stage starting beside
+        # this one must not take it for a run left open by the process that is gone
+        for key in (HOST_TAG, PID_TAG):
+            call(lambda key=key: client.set_tag(run_id, key, tags[key]), "tagging the run")
         active = call(
             lambda: mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics),
             f"reopening run {run_id}",
@@ -184,19 +194,20 @@ def run(
         else:
             with contextlib.suppress(TrackingError):  # closed already; this ends it here
                 call(lambda: mlflow.end_run(status=status), f"closing run {run_id}")
-            _set_error_tag(run_id, why, had="error" in active.data.tags and status == "FINISHED")
+            _set_error_tag(run_id, why, finished=status == "FINISHED")
 
 
-def _set_error_tag(run_id: str, why: str | None, had: bool) -> None:
+def _set_error_tag(run_id: str, why: str | None, finished: bool) -> None:
     """Why the run failed, readable in `mlflow ui` beside the FAILED status; a run that ends
-    well after an earlier failure (a rerun) loses the old reason."""
+    well after an earlier failure or closing (a resumed one) loses the old reason, read from
+    the store now: another stage may have written it while this one ran."""
     import mlflow
 
     client = mlflow.MlflowClient()
     with contextlib.suppress(Exception):
         if why:
             call(lambda: client.set_tag(run_id, "error", why), "setting the error tag")
-        elif had:
+        elif finished and "error" in client.get_run(run_id).data.tags:
             call(lambda: client.delete_tag(run_id, "error"), "clearing the error tag")
 
 
