@@ -148,7 +148,8 @@ def step_core(device: str, epochs: int = 3) -> dict:
         for name, split in sources.prepare_splits(cfg).items()
     }
     torch.manual_seed(params.train.seed)
-    vae = VAE(VAEConfig.from_params(tuple(x["train"].shape[1:]), params.model)).to(device)
+    shape, n_train = tuple(x["train"].shape[1:]), len(x["train"])
+    vae = VAE(VAEConfig.from_params(shape, params.model, n_train=n_train)).to(device)
     train_cfg = dataclasses.replace(params.train, epochs=epochs)
     init = {k: v.clone() for k, v in vae.state_dict().items()}
     history = fit(vae, x["train"], x["val"], train_cfg, params.data.binarize, progress=False)

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     x = {k: torch.from_numpy(arrays.to_unit(v.x)).to(dev) for k, v in splits.items()}
     torch.manual_seed(p.train.seed)
     # fit starts a VampPrior's pseudo-inputs from the data
-    vae = VAE(VAEConfig.from_params(x["train"].shape[1:], p.model)).to(dev)
+    shape, n_train = x["train"].shape[1:], len(x["train"])
+    vae = VAE(VAEConfig.from_params(shape, p.model, n_train=n_train)).to(dev)
     t0 = time.perf_counter()
     hist = fit(vae, x["train"], x["val"], p.train, p.data.binarize, progress=False)
     seconds = time.perf_counter() - t0

@@ -96,11 +96,12 @@ def data_cfg(**overrides) -> config.DataConfig:
     return dataclasses.replace(params().data, **overrides)
 
 
-def vae_cfg(image_shape=(1, 8, 8), n_classes: int = 0, **overrides) -> VAEConfig:
+def vae_cfg(image_shape=(1, 8, 8), n_classes: int = 0, n_train: int = 0, **overrides) -> VAEConfig:
     """params.yaml's model section (hidden, latent_dim, ... overridable) for images of
-    `image_shape` (and n_classes labels, for a conditional model)."""
+    `image_shape` (n_classes labels, for a conditional model; n_train training images, the
+    exemplars of prior exemplar)."""
     model = dataclasses.replace(params().model, **overrides)
-    return VAEConfig.from_params(image_shape, model, n_classes)
+    return VAEConfig.from_params(image_shape, model, n_classes, n_train)
 
 
 # --- a project copy ----------------------------------------------------------------------------

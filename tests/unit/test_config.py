@@ -45,12 +45,14 @@ def test_model_config_is_built_from_the_params_field_for_field():
     model = config.load(ROOT / "params.yaml").model
     cfg = VAEConfig.from_params((1, 28, 28), model)
     fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    # the data's image shape and number of classes, and the model params field for field
+    # the data's image shape, number of classes and exemplars, and the model params field for
+    # field
     model_fields = {f.name for f in dataclasses.fields(config.ModelConfig)}
-    assert fields == {"image_shape", "n_classes"} | model_fields
+    assert fields == {"image_shape", "n_classes", "n_exemplars"} | model_fields
     assert cfg.to_dict() == {
         "image_shape": [1, 28, 28],
         "n_classes": 0,
+        "n_exemplars": 0,
         **dataclasses.asdict(model),
     }
 

@@ -69,11 +69,14 @@ def _check_options(p: Params) -> None:
             "(the label joins the dense layers of mlp and the hvaes); use arch mlp, hvae or "
             "hvae_topdown"
         )
-    if m.conditional and m.prior == "vamp":
+    if m.conditional and m.prior in ("vamp", "exemplar"):
+        what = "pseudo-inputs" if m.prior == "vamp" else "exemplars"
         raise ConfigError(
-            "param 'model.conditional' = true does not fit 'model.prior' = 'vamp': its "
-            "pseudo-inputs would need labels too; use prior standard or mog"
+            f"param 'model.conditional' = true does not fit 'model.prior' = '{m.prior}': its "
+            f"{what} would need labels too; use prior standard or mog"
         )
+    if m.prior == "exemplar":
+        _check_exemplar(p)
     if m.arch in HIERARCHICAL_ARCHS and p.train.iwae_gradient == "dreg":
         raise ConfigError(
             f"param 'train.iwae_gradient' = 'dreg' is for one stochastic layer, not "
@@ -85,6 +88,28 @@ def _check_options(p: Params) -> None:
         raise ConfigError(
             f"param 'train.free_bits' = {p.train.free_bits} does not apply to 'model.arch' = "
             f"'{m.arch}' (its KL has no closed-form per-dim split); set free_bits to 0"
+        )
+
+
+def _check_exemplar(p: Params) -> None:
+    """The Exemplar prior draws a step's exemplars in the one training process, eagerly."""
+    t, components = p.train, p.model.prior_components
+    if components < 2:
+        raise ConfigError(
+            f"param 'model.prior_components' = {components} is too few exemplars a step for "
+            "'model.prior' = 'exemplar' (each example's own image is left out of its prior); "
+            "use 2 or more"
+        )
+    if t.nproc * t.nnodes > 1:
+        raise ConfigError(
+            f"param 'model.prior' = 'exemplar' trains in one process, not nproc x nnodes = "
+            f"{t.nproc * t.nnodes} (each step's exemplars are drawn outside the model's "
+            "forward pass); set nproc and nnodes to 1"
+        )
+    if t.compile != "none":
+        raise ConfigError(
+            f"param 'train.compile' = '{t.compile}' does not take 'model.prior' = 'exemplar' "
+            "(each step draws new exemplars outside the compiled graph); set compile to none"
         )
 
 

@@ -38,6 +38,18 @@ PARITY_SEED = 0  # of the random inputs the graphs and PyTorch are compared on
 # The scorer's NLL runs to hundreds of nats; float32 agrees with PyTorch to below this (a
 # warning above it: a density with a tiny Gaussian sigma sums to thousands of nats)
 SCORER_ATOL_NATS = 1e-3
+# Most [images, scorer_k, exemplars] entries one run of an Exemplar-prior model's scorer.onnx
+# may hold (its density is one block in the graph, float64: 512 MB): scorer_max_images
+SCORER_BLOCK = 2**26
+
+
+def scorer_max_images(cfg, scorer_k: int) -> int | None:
+    """The most images one scorer.onnx run of a model of VAEConfig `cfg` may take (recorded as
+    its `max_batch`), or None for no bound: only the Exemplar prior's density grows with the
+    training set, scorer_k x N terms an image."""
+    if cfg.prior != "exemplar":
+        return None
+    return max(1, SCORER_BLOCK // (scorer_k * cfg.n_exemplars))
 
 
 class ExportError(VaepipeError):
@@ -187,12 +199,16 @@ def export_models(
     if scorer_eps is not None:
         graphs["scorer"] = (ScorerGraph(vae, scorer_eps), images, (("x", *with_y), ("nll",)))
         extra["scorer"] = {"scorer_k": len(scorer_eps), "scorer_seed": scorer_seed}
+        most = scorer_max_images(cfg, len(scorer_eps))
+        extra["scorer"].update({} if most is None else {"max_batch": most})
     graphs["prior"] = (
         PriorSampler(vae),
         (torch.randn(2, cfg.latent_dim), torch.rand(2)),
         (("eps", "u"), ("z",)),
     )
     extra["prior"] = {"prior": cfg.prior, "prior_components": cfg.prior_components}
+    if cfg.prior == "exemplar":
+        extra["prior"]["exemplars"] = cfg.n_exemplars
     paths = {}
     for name, (module, example, names) in graphs.items():
         paths[name] = out_dir / f"{name}.onnx"
@@ -233,9 +249,12 @@ def parity(
             (o_x,) = decoder_sess.run({"z": z.numpy(), **feed_y})
             errs[f"decoder_b{b}"] = float(np.abs(o_x - vae.mean(vae.decode(z, y)).numpy()).max())
         if scorer_sess is not None:
-            (o_nll,) = scorer_sess.run({"x": x.numpy(), **feed_y})
-            nll = -iwae_estimate(vae, x, scorer_eps, y).numpy()
-            errs[f"scorer_b{b}"] = float(np.abs(o_nll - nll).max())
+            n = min(b, scorer_max_images(vae.cfg, len(scorer_eps)) or b)
+            xs, ys = x[:n], None if y is None else y[:n]
+            feed_ys = {} if ys is None else {"y": ys.numpy()}
+            (o_nll,) = scorer_sess.run({"x": xs.numpy(), **feed_ys})
+            nll = -iwae_estimate(vae, xs, scorer_eps, ys).numpy()
+            errs[f"scorer_b{n}"] = float(np.abs(o_nll - nll).max())
         if prior_sess is not None:
             u = torch.rand(b, generator=gen)
             (o_z,) = prior_sess.run({"eps": z.numpy(), "u": u.numpy()})

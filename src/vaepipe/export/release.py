@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -134,10 +135,11 @@ def log_models(vae, files: dict, sessions, params: config.Params, facts: dict) -
 def graph_specs(cfg, ex) -> dict:
     """{graph: (input example, value range, registered model name, serving max_batch)}."""
     x, z, y = example_inputs(cfg)
+    scorer_most = min(ex.scorer_max_batch, graphs.scorer_max_images(cfg, ex.scorer_k) or math.inf)
     return {
         "encoder": ({"x": x, **y}, [0.0, 1.0], ex.encoder_model, ex.serve_max_batch),
         "decoder": ({"z": z, **y}, None, ex.decoder_model, ex.serve_max_batch),
-        "scorer": ({"x": x, **y}, [0.0, 1.0], ex.scorer_model, ex.scorer_max_batch),
+        "scorer": ({"x": x, **y}, [0.0, 1.0], ex.scorer_model, scorer_most),
     }
 
 

@@ -342,7 +342,10 @@ def cmd_score(args) -> str:
     src = Path(args.input)
     x, extra = _images(sess, src)
     shape = x.shape[1:]
-    nll = sess.run_batched(x, args.batch_size, _labels(sess, len(x), args.label, extra))["nll"]
+    # an Exemplar-prior model's graph records the most images one run may take
+    most = sess.metadata().get("max_batch", "")
+    rows = min(args.batch_size, int(most)) if most.isdigit() and int(most) > 0 else args.batch_size
+    nll = sess.run_batched(x, rows, _labels(sess, len(x), args.label, extra))["nll"]
     imagefiles.write_file(out, {"nll": nll, **extra})
     meta = sess.metadata()
     bits = nll / (math.prod(shape) * math.log(2))

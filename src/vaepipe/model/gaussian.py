@@ -39,8 +39,9 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) ->
 def mixture_log_prob(
     z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor
 ) -> torch.Tensor:
-    """log sum_k w_k N(z; mu_k, var_k) for z [..., D], components [K, D], log w [K]: [...], in
-    z's dtype.
+    """log sum_k w_k N(z; mu_k, var_k) for z [..., D], components [K, D], log w [K] (or any
+    shape that broadcasts to [..., K], such as one row of weights per example): [...], in z's
+    dtype.
 
     The quadratic form sum_d (z_d - mu_kd)^2 / var_kd and the normalizer are one matrix product,
     [z^2, z, 1] @ [1/var, -2 mu/var, sum_d mu^2/var + log|2 pi var|]^T, so no [..., K, D] tensor

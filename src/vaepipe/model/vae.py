@@ -6,9 +6,9 @@ then dense layers `hidden`; the decoder mirrors it with transposed convolutions)
 two-stochastic-layer MLP of Burda et al. (2016): q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), z2
 the top layer of `latent_dim` dims and z1 of `z1_dim`, and the two top-down models below. The
 prior p(z) of the top layer is `model.prior`: N(0, I), a VampPrior (Tomczak & Welling 2018: a
-mixture of the posteriors of K learned pseudo-inputs) or a learned mixture of K Gaussians
-(vaepipe.priors). Only the model lives here; the loss is in model/objectives.py, the loop in
-training/loop.py.
+mixture of the posteriors of K learned pseudo-inputs), a learned mixture of K Gaussians or the
+Exemplar prior (Norouzi et al. 2020: a mixture over the training images; model/priors.py).
+Only the model lives here; the loss is in model/objectives.py, the loop in training/loop.py.
 
 `hvae_topdown` is the two-layer model of Tomczak & Welling (2018), the one their best results
 came from: the same generative chain with skips, p(z2) p(z1|z2) p(x|z1, z2), and top-down
@@ -47,19 +47,23 @@ class VAEConfig:
     channels: list[int]  # conv widths (arch conv, convhvae)
     learn_sigma: bool  # gaussian: one learned std per pixel instead of gaussian_sigma
     min_sigma: float  # gaussian with learn_sigma: the std never goes below this
-    prior: str  # standard | vamp | mog: p(z) of the top layer
-    prior_components: int  # vamp: pseudo-inputs; mog: mixture components
+    prior: str  # standard | vamp | mog | exemplar: p(z) of the top layer
+    prior_components: int  # vamp: pseudo-inputs; mog: mixture components; exemplar: per step
     z1_dim: int  # arch hvae, hvae_topdown, convhvae: dims of the lower stochastic layer z1
     conditional: bool  # encoder and decoder also take the label y (one-hot)
     activation: str  # relu | silu | elu | tanh: every hidden layer's nonlinearity
     n_classes: int = 0  # labels of the data (conditional); 0 when unconditional
+    n_exemplars: int = 0  # prior exemplar: the training images it is a mixture over; else 0
 
     @classmethod
-    def from_params(cls, image_shape, model, n_classes: int = 0) -> VAEConfig:
-        """From the data's image shape (and number of classes) and a config.ModelConfig (the
-        same field names)."""
+    def from_params(cls, image_shape, model, n_classes: int = 0, n_train: int = 0) -> VAEConfig:
+        """From the data's image shape (number of classes, of training images) and a
+        config.ModelConfig (the same field names)."""
         n = n_classes if model.conditional else 0
-        return cls(image_shape=tuple(image_shape), **asdict(model), n_classes=n)
+        n_exemplars = n_train if model.prior == "exemplar" else 0
+        return cls(
+            image_shape=tuple(image_shape), **asdict(model), n_classes=n, n_exemplars=n_exemplars
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)

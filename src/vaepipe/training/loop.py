@@ -9,6 +9,7 @@ and when the loop is interrupted, so the stage script can log, save and later re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -188,7 +189,8 @@ def _train_epoch(loop: _Loop, interrupts):
         if loop.binarization == "dynamic":
             xb = binarize(xb, loop.gen)
         beta = kl_weight(cfg, loop.epoch * steps + loop.batch, steps)
-        loss, check, stats = forward(loop, xb, beta, yb)
+        with _exemplars(vae, idx, loop.gen):
+            loss, check, stats = forward(loop, xb, beta, yb)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         check_finite(vae, check, loop.epoch + 1, loop.batch + 1)
@@ -199,6 +201,13 @@ def _train_epoch(loop: _Loop, interrupts):
         if stop:
             raise KeyboardInterrupt(stop)
     return (loop.sums / n).tolist(), beta
+
+
+def _exemplars(vae: VAE, rows: torch.Tensor, generator: torch.Generator):
+    """The Exemplar prior's draw for the step on training examples `rows` (see
+    ExemplarPrior.drawn); no-op for the other priors."""
+    drawn = getattr(vae.prior, "drawn", None)
+    return contextlib.nullcontext() if drawn is None else drawn(rows, generator)
 
 
 def _sync_step(loop: _Loop, interrupts, stats: torch.Tensor):
@@ -291,6 +300,8 @@ def _start(vae, data, cfg: TrainConfig, binarization: str, *, resume, group) -> 
     if resume is not None:
         loop.load_state_dict(resume)
     loop.x_train, loop.x_val, loop.binarization = x_train, x_val, binarization
+    if hasattr(vae.prior, "use_exemplars"):  # the Exemplar prior: the images as epochs see them
+        vae.prior.use_exemplars(x_train)
     return loop
 
 
@@ -302,6 +313,8 @@ def _epoch(loop: _Loop, interrupts):
         _set_lr(loop, cosine_lr(cfg, loop.epoch))
     lr = loop.opt.param_groups[0]["lr"]
     (loss, recon, kl, elbo), beta = _train_epoch(loop, interrupts)
+    if hasattr(loop.vae.prior, "refresh"):  # the Exemplar prior validates on all exemplars
+        loop.vae.prior.refresh()
     val, kl_d = evaluate_elbo(
         loop.vae, x_val, batch_size=VALIDATION_BATCH, seed=cfg.seed, y=loop.y_val
     )

@@ -110,7 +110,8 @@ def _labels(params: config.Params, splits, device) -> tuple[tuple | None, int]:
 
 def build_model(params: config.Params, data: TrainingData, device: torch.device) -> VAE:
     """The VAE of the params, seeded; a model too large for memory is refused first."""
-    cfg = VAEConfig.from_params(data.image_shape, params.model, data.n_classes)
+    n_train = len(data.x_train)
+    cfg = VAEConfig.from_params(data.image_shape, params.model, data.n_classes, n_train)
     with torch.device("meta"):  # shapes only: counts the weights without allocating them
         n_weights = sum(p.numel() for p in VAE(cfg).parameters())
     limits.check_bytes(
