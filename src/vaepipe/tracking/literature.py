@@ -7,7 +7,8 @@ with 5,000 samples on all 10,000 test images (Norouzi et al., Exemplar VAE, Neur
 with the architectures of Tomczak & Welling's VampPrior paper). Its recipe: 50,000 training
 and 10,000 validation images, Adam at 5e-4, batches of 100, KL warm-up over 100 epochs, up to
 2,000 epochs with early stopping after 50 without improvement; gated dense layers of 300
-units and 40-dim latents (each layer of the two-layer models); 500 VampPrior pseudo-inputs.
+units and 40-dim latents (each layer of the two-layer models); 500 VampPrior pseudo-inputs;
+the Exemplar prior over the 50,000 training images, 25,000 of them drawn for each step.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ RECIPE = {
 }
 TWO_LAYERS = {"model.z1_dim": 40}
 VAMP = {"model.prior": "vamp", "model.prior_components": 500}
+# the Exemplar VAE's recipe: 25,000 of the 50,000 training images drawn for each step's prior
+EXEMPLAR = {"model.prior": "exemplar", "model.prior_components": 25000}
 STANDARD = {"model.prior": "standard"}
 CONV = {"model.arch": "convhvae", "model.channels": [32, 64], "model.hidden": [300], **TWO_LAYERS}
 
@@ -73,7 +76,11 @@ PUBLISHED = {  # (model, prior): (nats, ±)
     ("convhvae", "vamp"): (224.67, 0.03),
     ("convhvae", "exemplar"): (224.63, 0.06),
 }
-PRIORS = (("standard", "Gaussian", STANDARD), ("vamp", "VampPrior", VAMP))
+PRIORS = (
+    ("standard", "Gaussian", STANDARD),
+    ("vamp", "VampPrior", VAMP),
+    ("exemplar", "Exemplar", EXEMPLAR),
+)
 CELLS = tuple(
     Cell(f"{key}-{prior}", title, label, PUBLISHED[key, prior], {**RECIPE, **arch, **extra})
     for key, title, arch in MODELS

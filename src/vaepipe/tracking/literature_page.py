@@ -10,9 +10,7 @@ import math
 
 from vaepipe.tracking.literature import (
     CELLS,
-    MODELS,
     PROTOCOL_K,
-    PUBLISHED,
     TEST_IMAGES,
     Cell,
     best,
@@ -175,9 +173,6 @@ def _notes(shown: list) -> list[str]:
 def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
     """The results page: each published cell beside our best run of it, then the best runs
     within the training budgets, all on the literature's protocol."""
-    exemplar = ", ".join(
-        f"{title.split(',')[0]} {PUBLISHED[key, 'exemplar'][0]:.2f}" for key, title, _ in MODELS
-    )
     shown: list = []  # the runs on the page, in order
     cells, budgets = _cell_rows(runs, shown), _budget_rows(runs, defaults, shown)
     lines = [
@@ -191,8 +186,6 @@ def page(runs: list, defaults: dict[str, object], experiment: str) -> str:
         "## The published table",
         "",
         *cells,
-        "",
-        f"The published Exemplar prior column ({exemplar}) has no configuration here.",
         "",
         "## Beyond the table",
         "",
