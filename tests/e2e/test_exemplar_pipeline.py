@@ -3,14 +3,13 @@
 on what the pipeline wrote, and the run in the MLflow store."""
 
 import json
-import subprocess
 import sys
 
 import mlflow
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import clean_env, sh
+from helpers import sh
 
 from vaepipe.data.arrays import load_split, to_unit
 
@@ -30,10 +29,7 @@ def repo(new_project):
 
 
 def vaepipe(repo, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "vaepipe.cli", *args],
-        cwd=repo, env=clean_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return sh(repo, sys.executable, "-m", "vaepipe.cli", *args, check=False, timeout=120)
 
 
 def _session(repo, name):

@@ -198,3 +198,29 @@ def test_vaepipe_score_keeps_to_the_scorers_max_batch(tmp_path, monkeypatch):
     with np.load(out) as f, torch.no_grad():
         want = -likelihood.iwae_estimate(vae, images, eps).numpy()
         np.testing.assert_allclose(f["nll"], want, atol=1e-3)
+
+
+def test_iwae_training_with_dreg_and_bfloat16_takes_the_exemplar_prior():
+    x, xv = proto_data()
+    cfg = train_cfg(
+        epochs=3, batch_size=50, objective="iwae", iwae_k=4, iwae_gradient="dreg",
+        precision="bf16",
+    )  # fmt: skip
+    options = {"latent_dim": 3, "hidden": [32], "prior": "exemplar", "prior_components": 40}
+    vae = VAE(vae_cfg(image_shape=(1, 8, 8), n_train=len(x), **options))
+    log_var = vae.prior.log_var.item()
+    hist = fit(vae, x, xv, cfg, "dynamic", progress=False)
+    assert hist[-1].val["iwae"] > hist[0].val["iwae"] and math.isfinite(hist[-1].val["iwae"])
+    assert vae.prior.log_var.item() != log_var  # the shared variance learns
+
+
+def test_a_model_file_without_exemplars_is_refused_as_damaged(tmp_path):
+    vae = _model()
+    path = tmp_path / "vae.pt"
+    checkpoint.save(path, vae, {"dataset": "digits"})
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["n_exemplars"] = 0  # as a file written by hand might say
+    payload.pop("sha256", None)
+    torch.save(payload, path)
+    with pytest.raises(checkpoint.ModelFileError, match="needs training images, not 0"):
+        checkpoint.load(path)

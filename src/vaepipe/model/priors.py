@@ -131,6 +131,8 @@ class ExemplarPrior(nn.Module):
 
     def __init__(self, latent_dim: int, count: int, per_step: int, encode):
         super().__init__()
+        if count < 1:  # a model file's n_exemplars, or the data's training images
+            raise ValueError(f"the Exemplar prior needs training images, not {count}")
         self.log_var = nn.Parameter(torch.zeros(()))  # log s^2
         self.register_buffer("means", torch.zeros(count, latent_dim))
         self.count, self.per_step = count, per_step  # ints: a traced graph reads no len()
